@@ -1,0 +1,834 @@
+//! The tickshard wire schema.
+//!
+//! Everything tickshard puts on the wire is a FlatBuffer described by the `.fbs` files in
+//! `schema/fbs/`. The Rust code generated from them by `schema/generate.sh` (flatc 25.12.19)
+//! lives in `src/generated/` and is committed; this crate adds the thin safe layer that every
+//! peer must use:
+//!
+//! - **Verified decoding with explicit limits.** [`decode_control`], [`decode_input`] and
+//!   [`decode_snapshot`] check the size first, then the file identifier, then run the
+//!   FlatBuffers verifier with [`Limits`] (depth, table count, apparent size). Nothing reads a
+//!   buffer that has not passed, so a hostile peer gets a typed [`DecodeError`], never a panic.
+//! - **Owned control messages.** [`ControlMsg`] is the decoded form of one control-stream frame,
+//!   with string lengths checked; [`ControlMsg::encode`] builds it back.
+//! - **Allocation-free datagrams.** [`InputDatagram`] holds up to [`MAX_INPUT_REDUNDANCY`]
+//!   commands inline; [`SnapshotWriter`] builds snapshots into a reused builder.
+//! - **Control-stream framing.** [`FrameDecoder`] splits a byte stream into frames of at most
+//!   [`MAX_CONTROL_FRAME`] bytes, and [`write_frame`] adds the 4-byte little-endian length.
+//!
+//! Datagrams carry no tag of their own: the FlatBuffers file identifier (`TSIN` for inputs,
+//! `TSSN` for snapshots) at bytes 4..8 names the type.
+
+#[allow(
+    clippy::all,
+    unused_imports,
+    dead_code,
+    missing_docs,
+    unsafe_op_in_unsafe_fn
+)]
+#[path = "generated/tickshard_generated.rs"]
+mod tickshard_generated;
+
+use flatbuffers::{FlatBufferBuilder, VerifierOptions, WIPOffset};
+
+/// The generated FlatBuffers types (tables, structs, unions), as flatc named them.
+#[allow(missing_docs)]
+pub mod wire {
+    pub use crate::tickshard_generated::tickshard::wire::*;
+}
+
+pub use wire::{EntityState, InputCmd, LeaveReason};
+
+/// File identifier of control frames.
+pub const CONTROL_IDENTIFIER: &str = "TSCT";
+/// File identifier of input datagrams.
+pub const INPUT_IDENTIFIER: &str = "TSIN";
+/// File identifier of snapshot datagrams.
+pub const SNAPSHOT_IDENTIFIER: &str = "TSSN";
+
+/// The protocol version a client announces in `Hello`. A server refuses other versions.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// The ALPN protocol id of tickshard over QUIC.
+pub const ALPN: &[u8] = b"tickshard/1";
+/// Largest control frame (the FlatBuffer, without its 4-byte length) either side accepts.
+/// Control messages are small (the largest is a chat line); 16 KiB leaves room for
+/// future messages while bounding what a peer can make the other buffer.
+pub const MAX_CONTROL_FRAME: usize = 16 * 1024;
+/// Longest chat line in bytes.
+pub const MAX_CHAT_LEN: usize = 512;
+/// Longest token, name, mode or hint string in bytes.
+pub const MAX_SHORT_STRING: usize = 256;
+/// How many commands one input datagram may carry (the newest and its predecessors).
+/// Eight commands at 30 Hz cover 267 ms of consecutive loss at 12 bytes each.
+pub const MAX_INPUT_REDUNDANCY: usize = 8;
+/// Largest datagram either side accepts (QUIC datagrams never exceed the path MTU).
+pub const MAX_DATAGRAM: usize = 1500;
+
+/// Limits applied to one buffer before any field is read.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest buffer in bytes.
+    pub max_bytes: usize,
+    /// Deepest table nesting.
+    pub max_depth: usize,
+    /// Most tables in the buffer.
+    pub max_tables: usize,
+}
+
+impl Limits {
+    /// Limits for one control frame.
+    pub const CONTROL: Limits = Limits {
+        max_bytes: MAX_CONTROL_FRAME,
+        max_depth: 4,
+        max_tables: 8,
+    };
+    /// Limits for one datagram.
+    pub const DATAGRAM: Limits = Limits {
+        max_bytes: MAX_DATAGRAM,
+        max_depth: 2,
+        max_tables: 4,
+    };
+
+    fn verifier(&self) -> VerifierOptions {
+        VerifierOptions {
+            max_depth: self.max_depth,
+            max_tables: self.max_tables,
+            max_apparent_size: self.max_bytes * 4,
+            ignore_missing_null_terminator: false,
+        }
+    }
+}
+
+/// Why a buffer was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The buffer is larger than the limit for its kind.
+    #[error("buffer of {len} bytes exceeds the limit of {max}")]
+    TooLarge {
+        /// The buffer's length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The buffer's file identifier is not the expected one.
+    #[error("wrong file identifier (expected {expected})")]
+    WrongIdentifier {
+        /// The expected identifier.
+        expected: &'static str,
+    },
+    /// The FlatBuffers verifier refused the buffer.
+    #[error("flatbuffer verification failed: {0}")]
+    Invalid(String),
+    /// The buffer verified but a field breaks the protocol's rules.
+    #[error("invalid field: {0}")]
+    Field(&'static str),
+}
+
+fn check<'a>(buf: &'a [u8], limits: &Limits, ident: &'static str) -> Result<&'a [u8], DecodeError> {
+    if buf.len() > limits.max_bytes {
+        return Err(DecodeError::TooLarge {
+            len: buf.len(),
+            max: limits.max_bytes,
+        });
+    }
+    // `buffer_has_identifier` asserts on buffers shorter than the identifier; check first.
+    if buf.len() < 8 || !flatbuffers::buffer_has_identifier(buf, ident, false) {
+        return Err(DecodeError::WrongIdentifier { expected: ident });
+    }
+    Ok(buf)
+}
+
+/// Verifies and opens one control frame.
+pub fn decode_control(buf: &[u8]) -> Result<wire::Control<'_>, DecodeError> {
+    let buf = check(buf, &Limits::CONTROL, CONTROL_IDENTIFIER)?;
+    flatbuffers::root_with_opts::<wire::Control>(&Limits::CONTROL.verifier(), buf)
+        .map_err(|e| DecodeError::Invalid(e.to_string()))
+}
+
+/// Verifies and opens one input datagram.
+pub fn decode_input(buf: &[u8]) -> Result<wire::Input<'_>, DecodeError> {
+    let buf = check(buf, &Limits::DATAGRAM, INPUT_IDENTIFIER)?;
+    flatbuffers::root_with_opts::<wire::Input>(&Limits::DATAGRAM.verifier(), buf)
+        .map_err(|e| DecodeError::Invalid(e.to_string()))
+}
+
+/// Verifies and opens one snapshot datagram.
+pub fn decode_snapshot(buf: &[u8]) -> Result<wire::Snapshot<'_>, DecodeError> {
+    let buf = check(buf, &Limits::DATAGRAM, SNAPSHOT_IDENTIFIER)?;
+    flatbuffers::root_with_opts::<wire::Snapshot>(&Limits::DATAGRAM.verifier(), buf)
+        .map_err(|e| DecodeError::Invalid(e.to_string()))
+}
+
+/// An input datagram, decoded without allocation.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct InputDatagram {
+    /// Newest command's sequence number.
+    pub seq: u32,
+    /// The client's tick counter.
+    pub client_tick: u32,
+    /// Newest snapshot tick the client holds (0: none).
+    pub ack_snapshot: u32,
+    /// Number of valid entries in `cmds`.
+    pub len: u8,
+    /// Commands, newest first.
+    pub cmds: [InputCmd; MAX_INPUT_REDUNDANCY],
+}
+
+impl InputDatagram {
+    /// Verifies `buf` and copies it out. More than [`MAX_INPUT_REDUNDANCY`] commands, or commands
+    /// not in strictly decreasing sequence order, are refused.
+    pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
+        let input = decode_input(buf)?;
+        let mut out = InputDatagram {
+            seq: input.seq(),
+            client_tick: input.client_tick(),
+            ack_snapshot: input.ack_snapshot(),
+            ..Default::default()
+        };
+        if let Some(cmds) = input.cmds() {
+            if cmds.len() > MAX_INPUT_REDUNDANCY {
+                return Err(DecodeError::Field("too many input commands"));
+            }
+            let mut prev: Option<u32> = None;
+            for (i, c) in cmds.iter().enumerate() {
+                if prev.is_some_and(|p| c.seq() >= p) {
+                    return Err(DecodeError::Field("input commands not newest first"));
+                }
+                prev = Some(c.seq());
+                out.cmds[i] = *c;
+            }
+            out.len = cmds.len() as u8;
+            if out.len > 0 && out.cmds[0].seq() != out.seq {
+                return Err(DecodeError::Field("input seq differs from newest command"));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The valid commands, newest first.
+    pub fn cmds(&self) -> &[InputCmd] {
+        &self.cmds[..self.len as usize]
+    }
+
+    /// Encodes into `fbb` and returns the finished bytes.
+    pub fn encode<'b>(&self, fbb: &'b mut FlatBufferBuilder<'static>) -> &'b [u8] {
+        fbb.reset();
+        let cmds = fbb.create_vector(self.cmds());
+        let input = wire::Input::create(
+            fbb,
+            &wire::InputArgs {
+                seq: self.seq,
+                client_tick: self.client_tick,
+                ack_snapshot: self.ack_snapshot,
+                cmds: Some(cmds),
+            },
+        );
+        fbb.finish(input, Some(INPUT_IDENTIFIER));
+        fbb.finished_data()
+    }
+}
+
+/// Fixed part of a snapshot's encoded size (header, vtable, vector lengths), used to plan
+/// how many entities fit one datagram. Measured from encoded snapshots with a margin.
+pub const SNAPSHOT_OVERHEAD: usize = 64;
+/// Encoded size of one entity in a snapshot.
+pub const ENTITY_STATE_SIZE: usize = std::mem::size_of::<EntityState>();
+
+/// Builds snapshot datagrams into a builder that is reused from one snapshot to the next.
+pub struct SnapshotWriter {
+    fbb: FlatBufferBuilder<'static>,
+}
+
+impl Default for SnapshotWriter {
+    fn default() -> Self {
+        Self {
+            fbb: FlatBufferBuilder::with_capacity(2048),
+        }
+    }
+}
+
+impl SnapshotWriter {
+    /// Encodes one snapshot and returns its bytes (valid until the next call).
+    pub fn encode(
+        &mut self,
+        tick: u32,
+        baseline: u32,
+        last_input: u32,
+        you: u32,
+        entities: &[EntityState],
+        removed: &[u32],
+    ) -> &[u8] {
+        let fbb = &mut self.fbb;
+        fbb.reset();
+        let entities = fbb.create_vector(entities);
+        let removed = fbb.create_vector(removed);
+        let snap = wire::Snapshot::create(
+            fbb,
+            &wire::SnapshotArgs {
+                tick,
+                baseline,
+                last_input,
+                you,
+                entities: Some(entities),
+                removed: Some(removed),
+            },
+        );
+        fbb.finish(snap, Some(SNAPSHOT_IDENTIFIER));
+        fbb.finished_data()
+    }
+}
+
+/// One control-stream message, decoded and owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlMsg {
+    /// Client's first frame.
+    Hello {
+        /// Must equal [`PROTOCOL_VERSION`].
+        protocol_version: u16,
+        /// Optional auth token.
+        token: String,
+        /// Optional display name.
+        client_name: String,
+    },
+    /// Server's answer to hello.
+    Welcome {
+        /// The player's id, unique in the process.
+        player_id: u64,
+        /// The shard that owns the connection.
+        shard: u16,
+        /// Default tick rate (Hz).
+        tick_rate: u16,
+        /// The shard's current tick.
+        server_tick: u32,
+        /// Opaque token for reconnecting.
+        resume_token: String,
+        /// Largest datagram the server will send.
+        max_datagram: u16,
+    },
+    /// Join a room (`room_id` != 0) or quick match by `mode`.
+    Join {
+        /// Room id, or 0 for quick match.
+        room_id: u64,
+        /// Game mode for quick match.
+        mode: String,
+    },
+    /// A seat was granted.
+    Joined {
+        /// The room.
+        room_id: u64,
+        /// Its game mode.
+        mode: String,
+        /// Shard hosting the room.
+        shard: u16,
+        /// The room's tick rate (Hz).
+        tick_rate: u16,
+        /// The player's entity.
+        entity_id: u32,
+        /// Room capacity.
+        capacity: u16,
+        /// Players in the room, this one included.
+        players: u16,
+        /// The room's tick at joining.
+        server_tick: u32,
+    },
+    /// Leave the current room.
+    Leave,
+    /// A seat ended.
+    Left {
+        /// The room.
+        room_id: u64,
+        /// Why.
+        reason: LeaveReason,
+    },
+    /// A chat line.
+    Chat {
+        /// Sender (server to client only).
+        from_player: u64,
+        /// The text.
+        text: String,
+    },
+    /// A game event.
+    GameEvent {
+        /// Room tick.
+        tick: u32,
+        /// Game-defined kind.
+        kind: u16,
+        /// First argument.
+        a: u32,
+        /// Second argument.
+        b: u32,
+    },
+    /// The server is draining.
+    DrainNotice {
+        /// Time left before the server closes, in milliseconds.
+        grace_ms: u32,
+        /// Where to reconnect (may be empty).
+        reconnect_hint: String,
+    },
+    /// A request failed.
+    Error {
+        /// Error code (PROTOCOL.md).
+        code: u16,
+        /// Human-readable reason.
+        message: String,
+    },
+}
+
+fn bounded(s: Option<&str>, max: usize, what: &'static str) -> Result<String, DecodeError> {
+    let s = s.unwrap_or("");
+    if s.len() > max {
+        return Err(DecodeError::Field(what));
+    }
+    Ok(s.to_owned())
+}
+
+impl ControlMsg {
+    /// Verifies one frame (without its length prefix) and decodes it.
+    pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
+        use wire::ControlBody as B;
+        let c = decode_control(buf)?;
+        let missing = DecodeError::Field("control body missing");
+        let s = MAX_SHORT_STRING;
+        Ok(match c.body_type() {
+            B::Hello => {
+                let m = c.body_as_hello().ok_or(missing)?;
+                ControlMsg::Hello {
+                    protocol_version: m.protocol_version(),
+                    token: bounded(m.token(), s, "token too long")?,
+                    client_name: bounded(m.client_name(), s, "client name too long")?,
+                }
+            }
+            B::Welcome => {
+                let m = c.body_as_welcome().ok_or(missing)?;
+                ControlMsg::Welcome {
+                    player_id: m.player_id(),
+                    shard: m.shard(),
+                    tick_rate: m.tick_rate(),
+                    server_tick: m.server_tick(),
+                    resume_token: bounded(m.resume_token(), s, "resume token too long")?,
+                    max_datagram: m.max_datagram(),
+                }
+            }
+            B::Join => {
+                let m = c.body_as_join().ok_or(missing)?;
+                ControlMsg::Join {
+                    room_id: m.room_id(),
+                    mode: bounded(m.mode(), s, "mode too long")?,
+                }
+            }
+            B::Joined => {
+                let m = c.body_as_joined().ok_or(missing)?;
+                ControlMsg::Joined {
+                    room_id: m.room_id(),
+                    mode: bounded(m.mode(), s, "mode too long")?,
+                    shard: m.shard(),
+                    tick_rate: m.tick_rate(),
+                    entity_id: m.entity_id(),
+                    capacity: m.capacity(),
+                    players: m.players(),
+                    server_tick: m.server_tick(),
+                }
+            }
+            B::Leave => ControlMsg::Leave,
+            B::Left => {
+                let m = c.body_as_left().ok_or(missing)?;
+                ControlMsg::Left {
+                    room_id: m.room_id(),
+                    reason: m.reason(),
+                }
+            }
+            B::Chat => {
+                let m = c.body_as_chat().ok_or(missing)?;
+                ControlMsg::Chat {
+                    from_player: m.from_player(),
+                    text: bounded(m.text(), MAX_CHAT_LEN, "chat line too long")?,
+                }
+            }
+            B::GameEvent => {
+                let m = c.body_as_game_event().ok_or(missing)?;
+                ControlMsg::GameEvent {
+                    tick: m.tick(),
+                    kind: m.kind(),
+                    a: m.a(),
+                    b: m.b(),
+                }
+            }
+            B::DrainNotice => {
+                let m = c.body_as_drain_notice().ok_or(missing)?;
+                ControlMsg::DrainNotice {
+                    grace_ms: m.grace_ms(),
+                    reconnect_hint: bounded(m.reconnect_hint(), s, "reconnect hint too long")?,
+                }
+            }
+            B::Error => {
+                let m = c.body_as_error().ok_or(missing)?;
+                ControlMsg::Error {
+                    code: m.code(),
+                    message: bounded(m.message(), s, "error message too long")?,
+                }
+            }
+            _ => return Err(DecodeError::Field("unknown control body")),
+        })
+    }
+
+    /// Encodes into `fbb` (reset first) and returns the FlatBuffer bytes, without length prefix.
+    pub fn encode<'b>(&self, fbb: &'b mut FlatBufferBuilder<'static>) -> &'b [u8] {
+        use wire::ControlBody as B;
+        fbb.reset();
+        let (kind, body): (B, WIPOffset<flatbuffers::UnionWIPOffset>) = match self {
+            ControlMsg::Hello {
+                protocol_version,
+                token,
+                client_name,
+            } => {
+                let token = Some(fbb.create_string(token));
+                let client_name = Some(fbb.create_string(client_name));
+                let m = wire::Hello::create(
+                    fbb,
+                    &wire::HelloArgs {
+                        protocol_version: *protocol_version,
+                        token,
+                        client_name,
+                    },
+                );
+                (B::Hello, m.as_union_value())
+            }
+            ControlMsg::Welcome {
+                player_id,
+                shard,
+                tick_rate,
+                server_tick,
+                resume_token,
+                max_datagram,
+            } => {
+                let resume_token = Some(fbb.create_string(resume_token));
+                let m = wire::Welcome::create(
+                    fbb,
+                    &wire::WelcomeArgs {
+                        player_id: *player_id,
+                        shard: *shard,
+                        tick_rate: *tick_rate,
+                        server_tick: *server_tick,
+                        resume_token,
+                        max_datagram: *max_datagram,
+                    },
+                );
+                (B::Welcome, m.as_union_value())
+            }
+            ControlMsg::Join { room_id, mode } => {
+                let mode = Some(fbb.create_string(mode));
+                let m = wire::Join::create(
+                    fbb,
+                    &wire::JoinArgs {
+                        room_id: *room_id,
+                        mode,
+                    },
+                );
+                (B::Join, m.as_union_value())
+            }
+            ControlMsg::Joined {
+                room_id,
+                mode,
+                shard,
+                tick_rate,
+                entity_id,
+                capacity,
+                players,
+                server_tick,
+            } => {
+                let mode = Some(fbb.create_string(mode));
+                let m = wire::Joined::create(
+                    fbb,
+                    &wire::JoinedArgs {
+                        room_id: *room_id,
+                        mode,
+                        shard: *shard,
+                        tick_rate: *tick_rate,
+                        entity_id: *entity_id,
+                        capacity: *capacity,
+                        players: *players,
+                        server_tick: *server_tick,
+                    },
+                );
+                (B::Joined, m.as_union_value())
+            }
+            ControlMsg::Leave => {
+                let m = wire::Leave::create(fbb, &wire::LeaveArgs {});
+                (B::Leave, m.as_union_value())
+            }
+            ControlMsg::Left { room_id, reason } => {
+                let m = wire::Left::create(
+                    fbb,
+                    &wire::LeftArgs {
+                        room_id: *room_id,
+                        reason: *reason,
+                    },
+                );
+                (B::Left, m.as_union_value())
+            }
+            ControlMsg::Chat { from_player, text } => {
+                let text = Some(fbb.create_string(text));
+                let m = wire::Chat::create(
+                    fbb,
+                    &wire::ChatArgs {
+                        from_player: *from_player,
+                        text,
+                    },
+                );
+                (B::Chat, m.as_union_value())
+            }
+            ControlMsg::GameEvent { tick, kind, a, b } => {
+                let m = wire::GameEvent::create(
+                    fbb,
+                    &wire::GameEventArgs {
+                        tick: *tick,
+                        kind: *kind,
+                        a: *a,
+                        b: *b,
+                    },
+                );
+                (B::GameEvent, m.as_union_value())
+            }
+            ControlMsg::DrainNotice {
+                grace_ms,
+                reconnect_hint,
+            } => {
+                let reconnect_hint = Some(fbb.create_string(reconnect_hint));
+                let m = wire::DrainNotice::create(
+                    fbb,
+                    &wire::DrainNoticeArgs {
+                        grace_ms: *grace_ms,
+                        reconnect_hint,
+                    },
+                );
+                (B::DrainNotice, m.as_union_value())
+            }
+            ControlMsg::Error { code, message } => {
+                let message = Some(fbb.create_string(message));
+                let m = wire::Error::create(
+                    fbb,
+                    &wire::ErrorArgs {
+                        code: *code,
+                        message,
+                    },
+                );
+                (B::Error, m.as_union_value())
+            }
+        };
+        let root = wire::Control::create(
+            fbb,
+            &wire::ControlArgs {
+                body_type: kind,
+                body: Some(body),
+            },
+        );
+        fbb.finish(root, Some(CONTROL_IDENTIFIER));
+        fbb.finished_data()
+    }
+
+    /// Encodes with the 4-byte little-endian length prefix, appending to `out`.
+    pub fn write_frame(&self, fbb: &mut FlatBufferBuilder<'static>, out: &mut Vec<u8>) {
+        write_frame(self.encode(fbb), out);
+    }
+}
+
+/// Appends `frame` to `out` with its 4-byte little-endian length prefix.
+pub fn write_frame(frame: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+    out.extend_from_slice(frame);
+}
+
+/// Why the control stream's framing failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// A frame announced more than [`MAX_CONTROL_FRAME`] bytes.
+    #[error("control frame of {0} bytes exceeds {MAX_CONTROL_FRAME}")]
+    TooLarge(usize),
+    /// A zero-length frame.
+    #[error("empty control frame")]
+    Empty,
+}
+
+/// Splits a control stream into frames. Buffers at most one frame plus one read.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl FrameDecoder {
+    /// Appends bytes read from the stream.
+    pub fn push(&mut self, data: &[u8]) {
+        if self.pos > 0 && self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+        }
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Bytes buffered but not yet returned as frames.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    /// The next complete frame, if any. The slice is valid until the next call.
+    pub fn next_frame(&mut self) -> Result<Option<&[u8]>, FrameError> {
+        let avail = &self.buf[self.pos..];
+        if avail.len() < 4 {
+            self.compact();
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
+        if len > MAX_CONTROL_FRAME {
+            return Err(FrameError::TooLarge(len));
+        }
+        if len == 0 {
+            return Err(FrameError::Empty);
+        }
+        if avail.len() < 4 + len {
+            self.compact();
+            return Ok(None);
+        }
+        let start = self.pos + 4;
+        self.pos = start + len;
+        Ok(Some(&self.buf[start..start + len]))
+    }
+
+    fn compact(&mut self) {
+        if self.pos > 0 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fbb() -> FlatBufferBuilder<'static> {
+        FlatBufferBuilder::with_capacity(256)
+    }
+
+    #[test]
+    fn control_round_trip() {
+        let msgs = [
+            ControlMsg::Hello {
+                protocol_version: 1,
+                token: "t".into(),
+                client_name: "bot".into(),
+            },
+            ControlMsg::Join {
+                room_id: 0,
+                mode: "arena".into(),
+            },
+            ControlMsg::Left {
+                room_id: 7,
+                reason: LeaveReason::Kicked,
+            },
+            ControlMsg::Error {
+                code: 100,
+                message: "room not found".into(),
+            },
+            ControlMsg::Leave,
+        ];
+        let mut b = fbb();
+        for m in msgs {
+            let bytes = m.encode(&mut b).to_vec();
+            assert_eq!(ControlMsg::decode(&bytes).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn garbage_and_truncation_are_errors() {
+        let mut b = fbb();
+        let bytes = ControlMsg::Join {
+            room_id: 3,
+            mode: "arena".into(),
+        }
+        .encode(&mut b)
+        .to_vec();
+        let mut refused = 0;
+        for cut in 0..bytes.len() {
+            // Trailing alignment padding may be cut and still verify; nothing may panic.
+            refused += ControlMsg::decode(&bytes[..cut]).is_err() as usize;
+        }
+        assert!(refused >= bytes.len() - 8, "{refused} of {}", bytes.len());
+        assert!(ControlMsg::decode(&[0xff; 64]).is_err());
+        assert!(decode_input(&bytes).is_err(), "control is not an input");
+        let mut flipped = bytes.clone();
+        for i in 8..flipped.len() {
+            flipped[i] ^= 0xa5;
+            let _ = ControlMsg::decode(&flipped); // must not panic
+            flipped[i] ^= 0xa5;
+        }
+    }
+
+    #[test]
+    fn long_strings_are_refused() {
+        let mut b = fbb();
+        let bytes = ControlMsg::Chat {
+            from_player: 0,
+            text: "x".repeat(MAX_CHAT_LEN + 1),
+        }
+        .encode(&mut b)
+        .to_vec();
+        assert_eq!(
+            ControlMsg::decode(&bytes),
+            Err(DecodeError::Field("chat line too long"))
+        );
+    }
+
+    #[test]
+    fn input_round_trip_and_order_rule() {
+        let mut d = InputDatagram {
+            seq: 10,
+            client_tick: 10,
+            ack_snapshot: 4,
+            len: 3,
+            ..Default::default()
+        };
+        for i in 0..3 {
+            d.cmds[i] = InputCmd::new(10 - i as u32, 1, -1, 0, 0, 9);
+        }
+        let mut b = fbb();
+        let bytes = d.encode(&mut b).to_vec();
+        assert_eq!(InputDatagram::decode(&bytes).unwrap(), d);
+        d.cmds[1] = InputCmd::new(12, 0, 0, 0, 0, 0);
+        let bytes = d.encode(&mut b).to_vec();
+        assert!(InputDatagram::decode(&bytes).is_err());
+    }
+
+    #[test]
+    fn frames_split_and_limit() {
+        let mut out = Vec::new();
+        write_frame(b"abc", &mut out);
+        write_frame(b"defg", &mut out);
+        let mut d = FrameDecoder::default();
+        d.push(&out[..5]);
+        assert_eq!(d.next_frame().unwrap(), None);
+        d.push(&out[5..]);
+        assert_eq!(d.next_frame().unwrap(), Some(&b"abc"[..]));
+        assert_eq!(d.next_frame().unwrap(), Some(&b"defg"[..]));
+        assert_eq!(d.next_frame().unwrap(), None);
+        d.push(&(MAX_CONTROL_FRAME as u32 + 1).to_le_bytes());
+        assert_eq!(
+            d.next_frame(),
+            Err(FrameError::TooLarge(MAX_CONTROL_FRAME + 1))
+        );
+    }
+
+    #[test]
+    fn snapshot_fits_budget() {
+        let mut w = SnapshotWriter::default();
+        let ents = vec![EntityState::new(1, 2, 3, 0, 0, 100, 0, 5, 0); 60];
+        let bytes = w.encode(1, 0, 0, 1, &ents, &[1, 2, 3]).to_vec();
+        assert!(
+            bytes.len() <= SNAPSHOT_OVERHEAD + 60 * ENTITY_STATE_SIZE + 3 * 4,
+            "{}",
+            bytes.len()
+        );
+        let s = decode_snapshot(&bytes).unwrap();
+        assert_eq!(s.entities().unwrap().len(), 60);
+    }
+}
