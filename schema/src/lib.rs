@@ -832,3 +832,49 @@ mod tests {
         assert_eq!(s.entities().unwrap().len(), 60);
     }
 }
+
+/// Application error codes. Close codes end the connection (QUIC `CONNECTION_CLOSE` with this
+/// code and a reason); request codes travel in an `Error` control message and the connection
+/// stays open. PROTOCOL.md lists each with the situation that produces it.
+pub mod codes {
+    /// Close: normal end of the session.
+    pub const NO_ERROR: u32 = 0;
+    /// Close: the peer broke the protocol (a frame before hello, a second hello, a message only
+    /// the server sends, a second stream).
+    pub const PROTOCOL_VIOLATION: u32 = 1;
+    /// Close: a control frame failed verification.
+    pub const MALFORMED_FRAME: u32 = 2;
+    /// Close: a control frame announced more than `MAX_CONTROL_FRAME` bytes.
+    pub const FRAME_TOO_LARGE: u32 = 3;
+    /// Close: the client's protocol version is not supported.
+    pub const UNSUPPORTED_VERSION: u32 = 4;
+    /// Close: no hello within the hello timeout.
+    pub const HELLO_TIMEOUT: u32 = 5;
+    /// Close: too many datagrams failed verification.
+    pub const MALFORMED_DATAGRAMS: u32 = 6;
+    /// Close: the server is at its connection limit.
+    pub const SERVER_FULL: u32 = 7;
+    /// Close: the server is draining and admits no one.
+    pub const DRAINING: u32 = 8;
+    /// Close: an operator removed the player.
+    pub const KICKED: u32 = 9;
+    /// Close: more control frames than the rate limit allows.
+    pub const CONTROL_FLOOD: u32 = 10;
+    /// Close: the client does not read its control stream and the server's buffer for it is full.
+    pub const SLOW_CONSUMER: u32 = 11;
+    /// Close: the server is shutting down.
+    pub const SHUTTING_DOWN: u32 = 12;
+
+    /// Request: no room with that id.
+    pub const ROOM_NOT_FOUND: u16 = 100;
+    /// Request: the room has no free seat.
+    pub const ROOM_FULL: u16 = 101;
+    /// Request: no such game mode.
+    pub const UNKNOWN_MODE: u16 = 102;
+    /// Request: the client already holds (or is getting) a seat.
+    pub const ALREADY_IN_ROOM: u16 = 103;
+    /// Request: the client holds no seat.
+    pub const NOT_IN_ROOM: u16 = 104;
+    /// Request: the room's shard did not answer.
+    pub const SHARD_UNAVAILABLE: u16 = 105;
+}

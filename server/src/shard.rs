@@ -1,0 +1,1276 @@
+//! The shard core: one shard's QUIC endpoint, sessions and rooms, with no I/O of its own.
+//!
+//! Like quinn-proto's `Connection`, [`ShardCore`] performs no I/O and reads no clock: the
+//! caller passes `now` into every call and carries out what the core asks for. In production
+//! the glommio loop of `runtime.rs` drives it; in tests a harness with a virtual clock does.
+//!
+//! # Methods
+//! - getters: [`ShardCore::id`], [`ShardCore::counters`], [`ShardCore::tick_stats`],
+//!   [`ShardCore::rooms`], [`ShardCore::players`], ...
+//! - inputs: [`ShardCore::handle_datagram`] (a UDP datagram arrived),
+//!   [`ShardCore::handle_timeout`] (a deadline from `poll_timeout` passed),
+//!   [`ShardCore::handle_tick`] (a room tick from `next_tick` is due),
+//!   [`ShardCore::handle_shard_message`] (a message from another shard arrived);
+//! - outputs, to poll after every input, in this order: [`ShardCore::poll_transmit`] until
+//!   `None` (UDP datagrams to send), [`ShardCore::poll_shard_message`] until `None` (messages
+//!   for other shards), then [`ShardCore::poll_timeout`] and [`ShardCore::next_tick`] (when
+//!   to call again).
+//!
+//! # Sessions
+//! A connection's client opens one bidirectional stream, the control stream, and sends
+//! `Hello` within the hello timeout; the server answers `Welcome`. From then on the client
+//! may `Join` (a room id, or quick match by mode), `Leave` and `Chat`, and sends input
+//! datagrams while seated. Every frame and datagram is verified before use. Bad input gets a
+//! defined answer (see PROTOCOL.md): ignored and counted, an `Error` message, or the one
+//! connection closed with an application error code and reason. Other players never notice.
+
+use crate::cid::ShardCidGenerator;
+use crate::game::ModeSpec;
+use crate::ids::{PlayerId, RoomId, ShardId, Tick};
+use crate::mesh::{JoinedInfo, RoomSummary, ShardMsg};
+use crate::room::{JoinError, Room, RoomOutput, Route};
+use crate::stats::{Counters, TickStats};
+use bytes::{Bytes, BytesMut};
+use flatbuffers::FlatBufferBuilder;
+use quinn_proto::{
+    ConnectionHandle, DatagramEvent, Dir, Endpoint, EndpointConfig, Event, ServerConfig,
+    StreamEvent, StreamId, Transmit, VarInt,
+};
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tickshard_schema::{
+    codes, ControlMsg, FrameDecoder, FrameError, InputDatagram, LeaveReason, PROTOCOL_VERSION,
+};
+use tracing::{debug, info};
+
+/// Most malformed datagrams a connection may send before it is closed. Any is a client bug
+/// (QUIC authenticates every packet, so nobody else can inject them); a few are tolerated so
+/// one bad build does not drop players mid-match, a stream of them is not.
+pub const MAX_MALFORMED_DATAGRAMS: u32 = 16;
+/// Control frames a client may send per second on average, and in a burst. Clients send a
+/// handful per match (hello, join, leave, chat); 20/s leaves room for chat.
+pub const CONTROL_RATE: f64 = 20.0;
+/// See [`CONTROL_RATE`].
+pub const CONTROL_BURST: f64 = 40.0;
+/// Most bytes of control messages the server holds for a client that does not read them.
+pub const MAX_CONTROL_BACKLOG: usize = 256 * 1024;
+/// How often a shard tells the others which of its rooms have free seats, at most.
+pub const DIRECTORY_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Configuration of one shard.
+#[derive(Clone)]
+pub struct ShardConfig {
+    /// This shard.
+    pub shard: ShardId,
+    /// How many shards the process runs.
+    pub shards: u16,
+    /// Game modes; quick match without a mode uses the first.
+    pub modes: Vec<ModeSpec>,
+    /// QUIC server configuration (TLS, transport).
+    pub server_config: Arc<ServerConfig>,
+    /// Most connections this shard holds.
+    pub max_connections: usize,
+    /// A client must send `Hello` this soon after the handshake.
+    pub hello_timeout: Duration,
+    /// An empty room closes after this long.
+    pub empty_room_grace: Duration,
+    /// Largest snapshot datagram.
+    pub max_datagram: usize,
+    /// Seed for everything random on this shard; `None` seeds from the OS.
+    pub seed: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    /// Handshake or waiting for the control stream and hello, until the deadline.
+    AwaitHello { deadline: Instant },
+    /// Welcomed.
+    Ready,
+    /// Closed by us or the peer; waiting for quinn to drain.
+    Closed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seat {
+    None,
+    /// A join was sent to another shard; `quick` holds the mode if it was a quick match.
+    Joining {
+        room: RoomId,
+        quick: Option<String>,
+    },
+    In(RoomId),
+}
+
+struct Session {
+    player: PlayerId,
+    phase: Phase,
+    control: Option<StreamId>,
+    frames: FrameDecoder,
+    backlog: Vec<u8>,
+    seat: Seat,
+    tokens: f64,
+    refilled: Instant,
+    malformed: u32,
+}
+
+struct Conn {
+    serial: u64,
+    conn: quinn_proto::Connection,
+    timer: Option<Instant>,
+    dirty: bool,
+    session: Session,
+}
+
+/// A room as seen in a status listing.
+#[derive(Debug, Clone)]
+pub struct RoomInfo {
+    /// The room.
+    pub id: RoomId,
+    /// Its mode.
+    pub mode: String,
+    /// Seats taken.
+    pub players: usize,
+    /// Capacity.
+    pub capacity: u16,
+    /// Last tick run.
+    pub tick: Tick,
+    /// Age.
+    pub age: Duration,
+}
+
+/// One shard's state. See the module documentation.
+pub struct ShardCore {
+    config: ShardConfig,
+    modes: Vec<Rc<ModeSpec>>,
+    endpoint: Endpoint,
+    conns: Vec<Option<Conn>>,
+    next_serial: u64,
+    players: HashMap<PlayerId, usize>,
+    next_player: u64,
+    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    dirty: Vec<usize>,
+    responses: VecDeque<(Transmit, Vec<u8>)>,
+    rooms: Vec<Room>,
+    room_index: HashMap<RoomId, usize>,
+    next_room: u64,
+    /// Players from other shards seated here, and their room.
+    guests: HashMap<PlayerId, RoomId>,
+    directory: Vec<Vec<RoomSummary>>,
+    directory_dirty: bool,
+    directory_sent: Option<Instant>,
+    outbox: VecDeque<(ShardId, ShardMsg)>,
+    rng: ChaCha8Rng,
+    fbb: FlatBufferBuilder<'static>,
+    frame: Vec<u8>,
+    scratch: Vec<(Route, PlayerId, ControlMsg)>,
+    clock: Box<dyn Fn() -> Instant>,
+    counters: Counters,
+    ticks: TickStats,
+    results: Vec<String>,
+}
+
+impl ShardCore {
+    /// A shard with no connections and no rooms. `clock` is read only to time tick phases.
+    pub fn new(config: ShardConfig, clock: Box<dyn Fn() -> Instant>) -> Self {
+        let mut rng = match config.seed {
+            Some(s) => ChaCha8Rng::seed_from_u64(s ^ ((config.shard.0 as u64) << 32)),
+            None => ChaCha8Rng::from_entropy(),
+        };
+        let shard = config.shard;
+        let cid_seed = config.seed.map(|s| s.wrapping_add(0x5eed));
+        let mut ep = EndpointConfig::default();
+        ep.cid_generator(move || Box::new(ShardCidGenerator::new(shard, cid_seed)));
+        let mut ep_seed = [0u8; 32];
+        rng.fill_bytes(&mut ep_seed);
+        let endpoint = Endpoint::new(
+            Arc::new(ep),
+            Some(config.server_config.clone()),
+            true,
+            Some(ep_seed),
+        );
+        let modes = config.modes.iter().cloned().map(Rc::new).collect();
+        ShardCore {
+            directory: vec![Vec::new(); config.shards as usize],
+            modes,
+            endpoint,
+            conns: Vec::new(),
+            next_serial: 0,
+            players: HashMap::new(),
+            next_player: 1,
+            timers: BinaryHeap::new(),
+            dirty: Vec::new(),
+            responses: VecDeque::new(),
+            rooms: Vec::new(),
+            room_index: HashMap::new(),
+            next_room: 1,
+            guests: HashMap::new(),
+            directory_dirty: false,
+            directory_sent: None,
+            outbox: VecDeque::new(),
+            rng,
+            fbb: FlatBufferBuilder::with_capacity(1024),
+            frame: Vec::new(),
+            scratch: Vec::new(),
+            clock,
+            counters: Counters::default(),
+            ticks: TickStats::default(),
+            results: Vec::new(),
+            config,
+        }
+    }
+
+    // ---- getters ----
+
+    /// This shard.
+    pub fn id(&self) -> ShardId {
+        self.config.shard
+    }
+    /// Counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+    /// Counters, for the runtime to add socket figures.
+    pub fn counters_mut(&mut self) -> &mut Counters {
+        &mut self.counters
+    }
+    /// Tick health.
+    pub fn tick_stats(&self) -> &TickStats {
+        &self.ticks
+    }
+    /// Open QUIC connections.
+    pub fn connections(&self) -> usize {
+        self.conns.iter().flatten().count()
+    }
+    /// Players connected to this shard (welcomed sessions).
+    pub fn players(&self) -> usize {
+        self.players.len()
+    }
+    /// Rooms hosted here.
+    pub fn rooms(&self) -> Vec<RoomInfo> {
+        let now = (self.clock)();
+        self.rooms
+            .iter()
+            .map(|r| RoomInfo {
+                id: r.id(),
+                mode: r.mode().name.clone(),
+                players: r.players(),
+                capacity: r.mode().capacity,
+                tick: r.tick_number(),
+                age: now.saturating_duration_since(r.created()),
+            })
+            .collect()
+    }
+    /// A hosted room, for inspection.
+    pub fn room(&self, id: RoomId) -> Option<&Room> {
+        self.room_index.get(&id).map(|&i| &self.rooms[i])
+    }
+    /// Final results of rooms closed so far, one line each.
+    pub fn closed_room_results(&self) -> &[String] {
+        &self.results
+    }
+    /// Bytes held for snapshot deltas across all rooms.
+    pub fn history_bytes(&self) -> usize {
+        self.rooms.iter().map(Room::history_bytes).sum()
+    }
+
+    // ---- inputs ----
+
+    /// Processes one UDP datagram from `remote`.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        local_ip: Option<IpAddr>,
+        data: BytesMut,
+    ) {
+        self.counters.udp_in += 1;
+        self.counters.udp_bytes_in += data.len() as u64;
+        let mut buf = Vec::new();
+        match self
+            .endpoint
+            .handle(now, remote, local_ip, None, data, &mut buf)
+        {
+            None => {}
+            Some(DatagramEvent::Response(t)) => self.responses.push_back((t, buf)),
+            Some(DatagramEvent::ConnectionEvent(ch, ev)) => {
+                if let Some(c) = self.conns.get_mut(ch.0).and_then(Option::as_mut) {
+                    c.conn.handle_event(ev);
+                    self.drive(ch.0, now);
+                }
+            }
+            Some(DatagramEvent::NewConnection(incoming)) => {
+                if self.connections() >= self.config.max_connections {
+                    self.counters.refused += 1;
+                    let t = self.endpoint.refuse(incoming, &mut buf);
+                    self.responses.push_back((t, buf));
+                    return;
+                }
+                match self.endpoint.accept(incoming, now, &mut buf, None) {
+                    Ok((ch, conn)) => {
+                        self.counters.handshakes += 1;
+                        self.insert_conn(ch, conn, now);
+                        self.drive(ch.0, now);
+                    }
+                    Err(e) => {
+                        debug!(cause = %e.cause, "handshake refused");
+                        if let Some(t) = e.response {
+                            self.responses.push_back((t, buf));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs connection timers and housekeeping due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&Reverse((t, ch, serial))) = self.timers.peek() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(c) = self.conns.get_mut(ch).and_then(Option::as_mut) else {
+                continue;
+            };
+            if c.serial != serial || c.timer != Some(t) {
+                continue;
+            }
+            c.timer = None;
+            c.conn.handle_timeout(now);
+            self.drive(ch, now);
+        }
+    }
+
+    /// Runs every room tick due at `now`, then housekeeping (empty rooms, the directory).
+    pub fn handle_tick(&mut self, now: Instant) {
+        let mut i = 0;
+        while i < self.rooms.len() {
+            let room = &mut self.rooms[i];
+            let mut outputs: Vec<(Route, PlayerId, ControlMsg)> = std::mem::take(&mut self.scratch);
+            let conns = &mut self.conns;
+            let outbox = &mut self.outbox;
+            let dirty = &mut self.dirty;
+            let mut send_errors = 0u64;
+            let mut sink = |o: RoomOutput<'_>| match o {
+                RoomOutput::Snapshot {
+                    route: Route::Local(ch),
+                    bytes,
+                    ..
+                } => {
+                    if let Some(c) = conns.get_mut(ch).and_then(Option::as_mut) {
+                        // A newer snapshot supersedes older ones: if the send buffer is full,
+                        // quinn drops the oldest (`drop = true`).
+                        if c.conn
+                            .datagrams()
+                            .send(Bytes::copy_from_slice(bytes), true)
+                            .is_err()
+                        {
+                            send_errors += 1;
+                        }
+                        if !c.dirty {
+                            c.dirty = true;
+                            dirty.push(ch);
+                        }
+                    }
+                }
+                RoomOutput::Snapshot {
+                    route: Route::Remote(shard),
+                    player,
+                    bytes,
+                } => {
+                    outbox.push_back((
+                        shard,
+                        ShardMsg::Snapshot {
+                            player,
+                            bytes: Bytes::copy_from_slice(bytes),
+                        },
+                    ));
+                }
+                RoomOutput::Event {
+                    route,
+                    player,
+                    tick,
+                    event,
+                } => {
+                    outputs.push((
+                        route,
+                        player,
+                        ControlMsg::GameEvent {
+                            tick: tick.0,
+                            kind: event.kind,
+                            a: event.a,
+                            b: event.b,
+                        },
+                    ));
+                }
+            };
+            room.tick(
+                now,
+                &*self.clock,
+                &mut self.ticks,
+                &mut self.counters,
+                &mut sink,
+            );
+            self.counters.datagram_send_errors += send_errors;
+            for (route, player, msg) in outputs.drain(..) {
+                self.send_to_player(route, player, &msg, now);
+            }
+            self.scratch = outputs;
+            i += 1;
+        }
+        self.expire_hellos(now);
+        self.close_empty_rooms(now);
+        self.publish_directory(now);
+    }
+
+    /// Processes one message from another shard.
+    pub fn handle_shard_message(&mut self, now: Instant, msg: ShardMsg) {
+        self.counters.mesh_in += 1;
+        match msg {
+            ShardMsg::JoinRequest { player, room } => {
+                let result = self
+                    .seat_here(player, Route::Remote(player.shard()), room)
+                    .map(|msg| {
+                        self.guests.insert(player, room);
+                        JoinedInfo { room, msg }
+                    });
+                self.outbox
+                    .push_back((player.shard(), ShardMsg::JoinReply { player, result }));
+            }
+            ShardMsg::JoinReply { player, result } => self.on_join_reply(now, player, result),
+            ShardMsg::Input { player, input } => {
+                if let Some(&room) = self.guests.get(&player) {
+                    if let Some(&ri) = self.room_index.get(&room) {
+                        self.rooms[ri].handle_input(player, &input, &mut self.counters);
+                    }
+                }
+            }
+            ShardMsg::Leave { player } => {
+                if let Some(room) = self.guests.remove(&player) {
+                    if let Some(&ri) = self.room_index.get(&room) {
+                        self.rooms[ri].leave(player, now);
+                        self.directory_dirty = true;
+                    }
+                }
+            }
+            ShardMsg::Chat { player, text } => {
+                if let Some(&room) = self.guests.get(&player) {
+                    self.broadcast_chat(room, player, text, now);
+                }
+            }
+            ShardMsg::Snapshot { player, bytes } => {
+                if let Some(&ch) = self.players.get(&player) {
+                    if let Some(c) = self.conns[ch].as_mut() {
+                        if c.conn.datagrams().send(bytes, true).is_err() {
+                            self.counters.datagram_send_errors += 1;
+                        }
+                        self.mark_dirty(ch);
+                    }
+                }
+            }
+            ShardMsg::Control { player, msg } => {
+                if let Some(&ch) = self.players.get(&player) {
+                    if let ControlMsg::Left { room_id, .. } = &msg {
+                        if let Some(c) = self.conns[ch].as_mut() {
+                            if c.session.seat == Seat::In(RoomId(*room_id)) {
+                                c.session.seat = Seat::None;
+                            }
+                        }
+                    }
+                    self.send_control(ch, &msg, now);
+                }
+            }
+            ShardMsg::Directory { from, rooms } => {
+                if let Some(d) = self.directory.get_mut(from.0 as usize) {
+                    *d = rooms;
+                }
+            }
+        }
+    }
+
+    // ---- outputs ----
+
+    /// The next UDP datagram (or GSO batch) to send. `buf` receives its bytes.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        if let Some((t, data)) = self.responses.pop_front() {
+            buf.clear();
+            buf.extend_from_slice(&data);
+            return Some(self.count_out(t));
+        }
+        while let Some(&ch) = self.dirty.last() {
+            let Some(c) = self.conns.get_mut(ch).and_then(Option::as_mut) else {
+                self.dirty.pop();
+                continue;
+            };
+            buf.clear();
+            if let Some(t) = c.conn.poll_transmit(now, 1, buf) {
+                return Some(self.count_out(t));
+            }
+            c.dirty = false;
+            self.dirty.pop();
+            self.after_io(ch);
+        }
+        None
+    }
+
+    /// The next message for another shard.
+    pub fn poll_shard_message(&mut self) -> Option<(ShardId, ShardMsg)> {
+        let m = self.outbox.pop_front();
+        if m.is_some() {
+            self.counters.mesh_out += 1;
+        }
+        m
+    }
+
+    /// When [`ShardCore::handle_timeout`] must next be called.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        // Drop stale heap entries so the top is a live timer.
+        while let Some(&Reverse((t, ch, serial))) = self.timers.peek() {
+            match self.conns.get(ch).and_then(Option::as_ref) {
+                Some(c) if c.serial == serial && c.timer == Some(t) => break,
+                _ => {
+                    self.timers.pop();
+                }
+            }
+        }
+        self.timers.peek().map(|r| r.0 .0)
+    }
+
+    /// When [`ShardCore::handle_tick`] must next be called: the earliest room deadline, or
+    /// housekeeping (hello deadlines, empty rooms, the directory) after `idle` when no room
+    /// runs. Housekeeping runs with every tick, so hello deadlines hold to within one tick.
+    pub fn next_tick(&self, now: Instant, idle: Duration) -> Instant {
+        self.rooms
+            .iter()
+            .map(Room::next_due)
+            .min()
+            .unwrap_or(now + idle)
+    }
+
+    /// Closes every connection with `code` and `reason` (shutdown).
+    pub fn close_all(&mut self, now: Instant, code: u32, reason: &str) {
+        for ch in 0..self.conns.len() {
+            self.close(ch, now, code, reason);
+        }
+    }
+
+    // ---- connections ----
+
+    fn insert_conn(&mut self, ch: ConnectionHandle, conn: quinn_proto::Connection, now: Instant) {
+        if self.conns.len() <= ch.0 {
+            self.conns.resize_with(ch.0 + 1, || None);
+        }
+        let player = PlayerId::new(self.config.shard, self.next_player);
+        self.next_player += 1;
+        self.next_serial += 1;
+        self.conns[ch.0] = Some(Conn {
+            serial: self.next_serial,
+            conn,
+            timer: None,
+            dirty: false,
+            session: Session {
+                player,
+                phase: Phase::AwaitHello {
+                    deadline: now + self.config.hello_timeout,
+                },
+                control: None,
+                frames: FrameDecoder::default(),
+                backlog: Vec::new(),
+                seat: Seat::None,
+                tokens: CONTROL_BURST,
+                refilled: now,
+                malformed: 0,
+            },
+        });
+    }
+
+    fn mark_dirty(&mut self, ch: usize) {
+        if let Some(c) = self.conns.get_mut(ch).and_then(Option::as_mut) {
+            if !c.dirty {
+                c.dirty = true;
+                self.dirty.push(ch);
+            }
+        }
+    }
+
+    fn count_out(&mut self, t: Transmit) -> Transmit {
+        self.counters.udp_out += 1;
+        self.counters.udp_bytes_out += t.size as u64;
+        t
+    }
+
+    /// Re-arms the connection's timer and retires it once quinn has drained it.
+    fn after_io(&mut self, ch: usize) {
+        let Some(c) = self.conns.get_mut(ch).and_then(Option::as_mut) else {
+            return;
+        };
+        if c.conn.is_drained() {
+            self.remove_conn(ch);
+            return;
+        }
+        let t = c.conn.poll_timeout();
+        if t != c.timer {
+            c.timer = t;
+            if let Some(t) = t {
+                self.timers.push(Reverse((t, ch, c.serial)));
+            }
+        }
+    }
+
+    fn remove_conn(&mut self, ch: usize) {
+        if let Some(c) = self.conns[ch].take() {
+            // The endpoint learns of the drain through the connection's endpoint events,
+            // already delivered in `drive`.
+            if self.players.get(&c.session.player) == Some(&ch) {
+                self.players.remove(&c.session.player);
+            }
+        }
+    }
+
+    /// Delivers a connection's pending events: endpoint events, then application events.
+    fn drive(&mut self, ch: usize, now: Instant) {
+        loop {
+            let Some(c) = self.conns.get_mut(ch).and_then(Option::as_mut) else {
+                return;
+            };
+            while let Some(ev) = c.conn.poll_endpoint_events() {
+                if let Some(back) = self.endpoint.handle_event(ConnectionHandle(ch), ev) {
+                    c.conn.handle_event(back);
+                }
+            }
+            let Some(ev) = c.conn.poll() else { break };
+            self.on_event(ch, ev, now);
+        }
+        self.mark_dirty(ch);
+        self.after_io(ch);
+    }
+
+    fn on_event(&mut self, ch: usize, ev: Event, now: Instant) {
+        match ev {
+            Event::HandshakeDataReady | Event::DatagramsUnblocked => {}
+            Event::Connected => debug!(shard = self.config.shard.0, ch, "connected"),
+            Event::ConnectionLost { reason } => {
+                debug!(shard = self.config.shard.0, ch, %reason, "connection lost");
+                self.end_session(ch, now);
+            }
+            Event::Stream(StreamEvent::Opened { dir }) => self.on_stream_opened(ch, dir, now),
+            Event::Stream(StreamEvent::Readable { id }) => self.on_readable(ch, id, now),
+            Event::Stream(StreamEvent::Writable { .. }) => self.flush_backlog(ch, now),
+            Event::Stream(StreamEvent::Finished { .. })
+            | Event::Stream(StreamEvent::Stopped { .. })
+            | Event::Stream(StreamEvent::Available { .. }) => {}
+            Event::DatagramReceived => self.on_datagrams(ch, now),
+        }
+    }
+
+    fn on_stream_opened(&mut self, ch: usize, dir: Dir, now: Instant) {
+        let Some(c) = self.conns[ch].as_mut() else {
+            return;
+        };
+        while let Some(id) = c.conn.streams().accept(dir) {
+            if dir == Dir::Uni || c.session.control.is_some() {
+                self.close(
+                    ch,
+                    now,
+                    codes::PROTOCOL_VIOLATION,
+                    "only one control stream is allowed",
+                );
+                return;
+            }
+            c.session.control = Some(id);
+            self.on_readable(ch, id, now);
+            return;
+        }
+    }
+
+    fn on_readable(&mut self, ch: usize, id: StreamId, now: Instant) {
+        let Some(c) = self.conns[ch].as_mut() else {
+            return;
+        };
+        if c.session.control != Some(id) || c.session.phase == Phase::Closed {
+            return;
+        }
+        let mut finished = false;
+        let mut recv = c.conn.recv_stream(id);
+        if let Ok(mut chunks) = recv.read(true) {
+            loop {
+                match chunks.next(tickshard_schema::MAX_CONTROL_FRAME) {
+                    Ok(Some(chunk)) => c.session.frames.push(&chunk.bytes),
+                    Ok(None) => {
+                        finished = true;
+                        break;
+                    }
+                    Err(_) => {
+                        // Blocked (nothing more now) or reset by the peer.
+                        break;
+                    }
+                }
+                // Never buffer more than one maximal frame plus one read.
+                if c.session.frames.buffered() > 2 * tickshard_schema::MAX_CONTROL_FRAME + 8 {
+                    break;
+                }
+            }
+            let _ = chunks.finalize();
+        }
+        loop {
+            let Some(c) = self.conns[ch].as_mut() else {
+                return;
+            };
+            if c.session.phase == Phase::Closed {
+                return;
+            }
+            match c.session.frames.next_frame() {
+                Ok(Some(frame)) => {
+                    self.frame.clear();
+                    self.frame.extend_from_slice(frame);
+                }
+                Ok(None) => break,
+                Err(FrameError::TooLarge(n)) => {
+                    self.counters.malformed_frames += 1;
+                    self.close(
+                        ch,
+                        now,
+                        codes::FRAME_TOO_LARGE,
+                        &format!("control frame of {n} bytes exceeds the limit"),
+                    );
+                    return;
+                }
+                Err(FrameError::Empty) => {
+                    self.counters.malformed_frames += 1;
+                    self.close(ch, now, codes::MALFORMED_FRAME, "empty control frame");
+                    return;
+                }
+            }
+            // Rate limit control frames.
+            let s = &mut c.session;
+            s.tokens =
+                (s.tokens + (now - s.refilled).as_secs_f64() * CONTROL_RATE).min(CONTROL_BURST);
+            s.refilled = now;
+            if s.tokens < 1.0 {
+                self.close(ch, now, codes::CONTROL_FLOOD, "too many control frames");
+                return;
+            }
+            s.tokens -= 1.0;
+            match ControlMsg::decode(&self.frame) {
+                Ok(msg) => self.on_control(ch, msg, now),
+                Err(e) => {
+                    self.counters.malformed_frames += 1;
+                    self.close(
+                        ch,
+                        now,
+                        codes::MALFORMED_FRAME,
+                        &format!("bad control frame: {e}"),
+                    );
+                    return;
+                }
+            }
+        }
+        if finished {
+            self.close(ch, now, codes::NO_ERROR, "control stream finished");
+        }
+    }
+
+    fn on_control(&mut self, ch: usize, msg: ControlMsg, now: Instant) {
+        let Some(c) = self.conns[ch].as_mut() else {
+            return;
+        };
+        let ready = c.session.phase == Phase::Ready;
+        let player = c.session.player;
+        match msg {
+            ControlMsg::Hello {
+                protocol_version, ..
+            } => {
+                if ready {
+                    return self.close(ch, now, codes::PROTOCOL_VIOLATION, "second hello");
+                }
+                if protocol_version != PROTOCOL_VERSION {
+                    return self.close(
+                        ch,
+                        now,
+                        codes::UNSUPPORTED_VERSION,
+                        &format!("protocol version {protocol_version} is not supported (server speaks {PROTOCOL_VERSION})"),
+                    );
+                }
+                c.session.phase = Phase::Ready;
+                self.players.insert(player, ch);
+                self.counters.sessions += 1;
+                let welcome = ControlMsg::Welcome {
+                    player_id: player.0,
+                    shard: self.config.shard.0,
+                    tick_rate: self.modes[0].tick_rate,
+                    server_tick: self
+                        .rooms
+                        .iter()
+                        .map(|r| r.tick_number().0)
+                        .max()
+                        .unwrap_or(0),
+                    resume_token: format!("{:016x}", self.rng.next_u64()),
+                    max_datagram: self.config.max_datagram as u16,
+                };
+                self.send_control(ch, &welcome, now);
+            }
+            _ if !ready => self.close(ch, now, codes::PROTOCOL_VIOLATION, "message before hello"),
+            ControlMsg::Join { room_id, mode } => self.on_join(ch, player, room_id, mode, now),
+            ControlMsg::Leave => match c.session.seat.clone() {
+                Seat::In(room) => {
+                    c.session.seat = Seat::None;
+                    self.leave_room(player, room, now);
+                    self.send_control(
+                        ch,
+                        &ControlMsg::Left {
+                            room_id: room.0,
+                            reason: LeaveReason::Requested,
+                        },
+                        now,
+                    );
+                }
+                _ => self.send_error(ch, codes::NOT_IN_ROOM, "not in a room", now),
+            },
+            ControlMsg::Chat { text, .. } => match c.session.seat {
+                Seat::In(room) if room.shard() == self.config.shard => {
+                    self.broadcast_chat(room, player, text, now)
+                }
+                Seat::In(room) => self
+                    .outbox
+                    .push_back((room.shard(), ShardMsg::Chat { player, text })),
+                _ => self.send_error(ch, codes::NOT_IN_ROOM, "not in a room", now),
+            },
+            _ => self.close(
+                ch,
+                now,
+                codes::PROTOCOL_VIOLATION,
+                "message type is server-to-client only",
+            ),
+        }
+    }
+
+    fn on_join(&mut self, ch: usize, player: PlayerId, room_id: u64, mode: String, now: Instant) {
+        let Some(c) = self.conns[ch].as_mut() else {
+            return;
+        };
+        if c.session.seat != Seat::None {
+            return self.send_error(ch, codes::ALREADY_IN_ROOM, "already in a room", now);
+        }
+        if room_id != 0 {
+            let room = RoomId(room_id);
+            if room.shard() == self.config.shard {
+                match self.seat_here(player, Route::Local(ch), room) {
+                    Ok(joined) => {
+                        self.conns[ch].as_mut().expect("checked above").session.seat =
+                            Seat::In(room);
+                        self.send_control(ch, &joined, now);
+                    }
+                    Err(code) => self.send_error(ch, code, join_error_text(code), now),
+                }
+            } else if room.shard().0 < self.config.shards {
+                c.session.seat = Seat::Joining { room, quick: None };
+                self.outbox
+                    .push_back((room.shard(), ShardMsg::JoinRequest { player, room }));
+            } else {
+                self.send_error(ch, codes::ROOM_NOT_FOUND, "no such room", now);
+            }
+            return;
+        }
+        let mode = if mode.is_empty() {
+            self.modes[0].name.clone()
+        } else {
+            mode
+        };
+        if !self.modes.iter().any(|m| m.name == mode) {
+            return self.send_error(ch, codes::UNKNOWN_MODE, "no such game mode", now);
+        }
+        // Quick match: a local room with a free seat (the fullest, so rooms fill up), else a
+        // room another shard advertised, else a new local room.
+        let local = self
+            .rooms
+            .iter()
+            .filter(|r| r.mode().name == mode && r.free_seats() > 0)
+            .max_by_key(|r| (r.players(), Reverse(r.id())))
+            .map(Room::id);
+        if let Some(room) = local {
+            return self.quick_join_local(ch, player, room, now);
+        }
+        let remote = self
+            .directory
+            .iter()
+            .flatten()
+            .filter(|s| s.mode == mode && s.free > 0)
+            .min_by_key(|s| (s.free, s.room))
+            .map(|s| s.room);
+        if let Some(room) = remote {
+            // Count the seat as taken until the next directory update, so a burst of quick
+            // matches spreads over rooms instead of all racing for the last seat.
+            if let Some(s) = self.directory.iter_mut().flatten().find(|s| s.room == room) {
+                s.free -= 1;
+            }
+            let c = self.conns[ch].as_mut().expect("checked above");
+            c.session.seat = Seat::Joining {
+                room,
+                quick: Some(mode),
+            };
+            self.outbox
+                .push_back((room.shard(), ShardMsg::JoinRequest { player, room }));
+            return;
+        }
+        let room = self.create_room(&mode, now);
+        self.quick_join_local(ch, player, room, now);
+    }
+
+    fn quick_join_local(&mut self, ch: usize, player: PlayerId, room: RoomId, now: Instant) {
+        match self.seat_here(player, Route::Local(ch), room) {
+            Ok(joined) => {
+                if let Some(c) = self.conns[ch].as_mut() {
+                    c.session.seat = Seat::In(room);
+                }
+                self.send_control(ch, &joined, now);
+            }
+            Err(code) => self.send_error(ch, code, join_error_text(code), now),
+        }
+    }
+
+    fn on_join_reply(&mut self, now: Instant, player: PlayerId, result: Result<JoinedInfo, u16>) {
+        let Some(&ch) = self.players.get(&player) else {
+            // The player disconnected meanwhile: give the seat back.
+            if let Ok(info) = result {
+                self.outbox
+                    .push_back((info.room.shard(), ShardMsg::Leave { player }));
+            }
+            return;
+        };
+        let Some(c) = self.conns[ch].as_mut() else {
+            return;
+        };
+        let Seat::Joining { quick, .. } = c.session.seat.clone() else {
+            if let Ok(info) = result {
+                self.outbox
+                    .push_back((info.room.shard(), ShardMsg::Leave { player }));
+            }
+            return;
+        };
+        match result {
+            Ok(info) => {
+                c.session.seat = Seat::In(info.room);
+                self.send_control(ch, &info.msg, now);
+            }
+            Err(code) => {
+                c.session.seat = Seat::None;
+                match quick {
+                    // The advertised room filled up meanwhile: fall back to a local room.
+                    Some(mode) => {
+                        let room = self
+                            .rooms
+                            .iter()
+                            .find(|r| r.mode().name == mode && r.free_seats() > 0)
+                            .map(Room::id);
+                        let room = room.unwrap_or_else(|| self.create_room(&mode, now));
+                        self.quick_join_local(ch, player, room, now);
+                    }
+                    None => self.send_error(ch, code, join_error_text(code), now),
+                }
+            }
+        }
+    }
+
+    /// Seats `player` in local `room`; returns the `Joined` message or a request error code.
+    fn seat_here(
+        &mut self,
+        player: PlayerId,
+        route: Route,
+        room: RoomId,
+    ) -> Result<ControlMsg, u16> {
+        let &ri = self.room_index.get(&room).ok_or(codes::ROOM_NOT_FOUND)?;
+        let r = &mut self.rooms[ri];
+        let entity = r.join(player, route).map_err(|e| match e {
+            JoinError::Full => codes::ROOM_FULL,
+            JoinError::AlreadyIn => codes::ALREADY_IN_ROOM,
+        })?;
+        self.directory_dirty = true;
+        Ok(ControlMsg::Joined {
+            room_id: room.0,
+            mode: r.mode().name.clone(),
+            shard: self.config.shard.0,
+            tick_rate: r.mode().tick_rate,
+            entity_id: entity.0,
+            capacity: r.mode().capacity,
+            players: r.players() as u16,
+            server_tick: r.tick_number().0,
+        })
+    }
+
+    fn create_room(&mut self, mode: &str, now: Instant) -> RoomId {
+        let spec = self
+            .modes
+            .iter()
+            .find(|m| m.name == mode)
+            .cloned()
+            .unwrap_or_else(|| self.modes[0].clone());
+        let id = RoomId::new(self.config.shard, self.next_room);
+        self.next_room += 1;
+        let seed = self.rng.next_u64();
+        self.room_index.insert(id, self.rooms.len());
+        self.rooms
+            .push(Room::new(id, spec, seed, self.config.max_datagram, now));
+        self.counters.rooms_created += 1;
+        self.directory_dirty = true;
+        info!(shard = self.config.shard.0, room = %id, mode, "room created");
+        id
+    }
+
+    fn leave_room(&mut self, player: PlayerId, room: RoomId, now: Instant) {
+        if room.shard() == self.config.shard {
+            if let Some(&ri) = self.room_index.get(&room) {
+                self.rooms[ri].leave(player, now);
+                self.directory_dirty = true;
+            }
+        } else {
+            self.outbox
+                .push_back((room.shard(), ShardMsg::Leave { player }));
+        }
+    }
+
+    fn broadcast_chat(&mut self, room: RoomId, from: PlayerId, text: String, now: Instant) {
+        let Some(&ri) = self.room_index.get(&room) else {
+            return;
+        };
+        let msg = ControlMsg::Chat {
+            from_player: from.0,
+            text,
+        };
+        let members: Vec<_> = self.rooms[ri].members().collect();
+        for (player, route) in members {
+            self.send_to_player(route, player, &msg, now);
+        }
+    }
+
+    fn send_to_player(&mut self, route: Route, player: PlayerId, msg: &ControlMsg, now: Instant) {
+        match route {
+            Route::Local(ch) => self.send_control(ch, msg, now),
+            Route::Remote(shard) => self.outbox.push_back((
+                shard,
+                ShardMsg::Control {
+                    player,
+                    msg: msg.clone(),
+                },
+            )),
+        }
+    }
+
+    fn end_session(&mut self, ch: usize, now: Instant) {
+        let Some(c) = self.conns[ch].as_mut() else {
+            return;
+        };
+        c.session.phase = Phase::Closed;
+        let player = c.session.player;
+        match std::mem::replace(&mut c.session.seat, Seat::None) {
+            Seat::In(room) => self.leave_room(player, room, now),
+            // The reply will find no player and hand the seat back.
+            Seat::Joining { .. } | Seat::None => {}
+        }
+        if self.players.get(&player) == Some(&ch) {
+            self.players.remove(&player);
+        }
+    }
+
+    /// Closes one connection with an application error code and reason.
+    fn close(&mut self, ch: usize, now: Instant, code: u32, reason: &str) {
+        let Some(c) = self.conns[ch].as_mut() else {
+            return;
+        };
+        if c.session.phase == Phase::Closed {
+            return;
+        }
+        if code != codes::NO_ERROR {
+            self.counters.closed_for_bad_input += 1;
+            debug!(shard = self.config.shard.0, player = %c.session.player, code, reason, "closing connection");
+        }
+        c.conn.close(
+            now,
+            VarInt::from_u32(code),
+            Bytes::copy_from_slice(reason.as_bytes()),
+        );
+        self.end_session(ch, now);
+        self.mark_dirty(ch);
+    }
+
+    fn send_error(&mut self, ch: usize, code: u16, message: &str, now: Instant) {
+        self.send_control(
+            ch,
+            &ControlMsg::Error {
+                code,
+                message: message.to_owned(),
+            },
+            now,
+        );
+    }
+
+    fn send_control(&mut self, ch: usize, msg: &ControlMsg, now: Instant) {
+        let Some(c) = self.conns.get_mut(ch).and_then(Option::as_mut) else {
+            return;
+        };
+        if c.session.phase == Phase::Closed || c.session.control.is_none() {
+            return;
+        }
+        msg.write_frame(&mut self.fbb, &mut c.session.backlog);
+        if c.session.backlog.len() > MAX_CONTROL_BACKLOG {
+            return self.close(ch, now, codes::SLOW_CONSUMER, "control stream not read");
+        }
+        self.flush_backlog(ch, now);
+    }
+
+    fn flush_backlog(&mut self, ch: usize, _now: Instant) {
+        let Some(c) = self.conns.get_mut(ch).and_then(Option::as_mut) else {
+            return;
+        };
+        let Some(id) = c.session.control else { return };
+        if c.session.backlog.is_empty() {
+            return;
+        }
+        match c.conn.send_stream(id).write(&c.session.backlog) {
+            Ok(n) => {
+                c.session.backlog.drain(..n);
+            }
+            Err(e) => debug!(%e, "control stream write"),
+        }
+        self.mark_dirty(ch);
+    }
+
+    fn on_datagrams(&mut self, ch: usize, now: Instant) {
+        loop {
+            let Some(c) = self.conns[ch].as_mut() else {
+                return;
+            };
+            let Some(data) = c.conn.datagrams().recv() else {
+                return;
+            };
+            if c.session.phase != Phase::Ready {
+                self.counters.input_not_in_room += 1;
+                continue;
+            }
+            let player = c.session.player;
+            match InputDatagram::decode(&data) {
+                Ok(input) => match c.session.seat {
+                    Seat::In(room) if room.shard() == self.config.shard => {
+                        let known = self.room_index.get(&room).is_some_and(|&ri| {
+                            self.rooms[ri].handle_input(player, &input, &mut self.counters)
+                        });
+                        if !known {
+                            self.counters.input_not_in_room += 1;
+                        }
+                    }
+                    Seat::In(room) => self
+                        .outbox
+                        .push_back((room.shard(), ShardMsg::Input { player, input })),
+                    _ => self.counters.input_not_in_room += 1,
+                },
+                Err(e) => {
+                    self.counters.malformed_datagrams += 1;
+                    c.session.malformed += 1;
+                    if c.session.malformed > MAX_MALFORMED_DATAGRAMS {
+                        let reason = format!("too many malformed datagrams (last: {e})");
+                        return self.close(ch, now, codes::MALFORMED_DATAGRAMS, &reason);
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- housekeeping ----
+
+    fn expire_hellos(&mut self, now: Instant) {
+        for ch in 0..self.conns.len() {
+            let Some(c) = self.conns[ch].as_ref() else {
+                continue;
+            };
+            if let Phase::AwaitHello { deadline } = c.session.phase {
+                if deadline <= now {
+                    self.close(
+                        ch,
+                        now,
+                        codes::HELLO_TIMEOUT,
+                        "no hello before the deadline",
+                    );
+                }
+            }
+        }
+    }
+
+    fn close_empty_rooms(&mut self, now: Instant) {
+        let grace = self.config.empty_room_grace;
+        let mut i = 0;
+        while i < self.rooms.len() {
+            let expired = self.rooms[i]
+                .empty_since()
+                .is_some_and(|t| now.saturating_duration_since(t) >= grace);
+            if !expired {
+                i += 1;
+                continue;
+            }
+            let room = self.rooms.swap_remove(i);
+            self.room_index.remove(&room.id());
+            if let Some(moved) = self.rooms.get(i) {
+                self.room_index.insert(moved.id(), i);
+            }
+            let line = format!(
+                "room {} ({}) closed after {} ticks",
+                room.id(),
+                room.mode().name,
+                room.tick_number().0
+            );
+            info!(shard = self.config.shard.0, "{line}");
+            self.results.push(line);
+            self.counters.rooms_closed += 1;
+            self.directory_dirty = true;
+        }
+    }
+
+    fn publish_directory(&mut self, now: Instant) {
+        if !self.directory_dirty || self.config.shards < 2 {
+            return;
+        }
+        if self
+            .directory_sent
+            .is_some_and(|t| now.saturating_duration_since(t) < DIRECTORY_INTERVAL)
+        {
+            return;
+        }
+        self.directory_dirty = false;
+        self.directory_sent = Some(now);
+        let rooms: Vec<RoomSummary> = self
+            .rooms
+            .iter()
+            .filter(|r| r.free_seats() > 0)
+            .map(|r| RoomSummary {
+                room: r.id(),
+                mode: r.mode().name.clone(),
+                free: r.free_seats() as u16,
+            })
+            .collect();
+        for s in 0..self.config.shards {
+            if s != self.config.shard.0 {
+                self.outbox.push_back((
+                    ShardId(s),
+                    ShardMsg::Directory {
+                        from: self.config.shard,
+                        rooms: rooms.clone(),
+                    },
+                ));
+            }
+        }
+    }
+}
+
+fn join_error_text(code: u16) -> &'static str {
+    match code {
+        codes::ROOM_NOT_FOUND => "no such room",
+        codes::ROOM_FULL => "room is full",
+        codes::ALREADY_IN_ROOM => "already in a room",
+        codes::UNKNOWN_MODE => "no such game mode",
+        _ => "join failed",
+    }
+}

@@ -1,0 +1,241 @@
+//! Per-viewer snapshots: area of interest, delta against the acknowledged baseline, priority.
+//!
+//! The server remembers, for each viewer, what the client holds after each of the last
+//! [`HISTORY`] snapshots (the baseline state plus what was sent, minus what was removed). A
+//! client acknowledges the newest snapshot it received in every input; the next snapshot is a
+//! delta against that one: only entities that are new or changed, and the ids of entities that
+//! left the view. Without a usable acknowledgement (none yet, too old, or a tick never sent)
+//! the snapshot is a full one (baseline 0).
+//!
+//! When the changes do not fit one datagram, entities go in priority order (the viewer's own
+//! entity first, then nearest first); what does not fit stays as the client last saw it and
+//! is sent in a later tick. Removals always go first: they are 4 bytes each.
+//!
+//! Every buffer here is reused from tick to tick: building a snapshot does not allocate once
+//! the viewer's history has warmed up.
+
+use crate::game::ViewEntity;
+use tickshard_schema::{EntityState, SnapshotWriter, ENTITY_STATE_SIZE, SNAPSHOT_OVERHEAD};
+
+/// How many past snapshots a viewer's history keeps. At 30 Hz, 16 ticks is 533 ms: an
+/// acknowledgement older than that (a round trip beyond half a second) gets a full snapshot.
+pub const HISTORY: usize = 16;
+
+#[derive(Default)]
+struct Entry {
+    tick: u32,
+    /// What the client holds after this snapshot, sorted by entity id.
+    state: Vec<EntityState>,
+}
+
+/// What one viewer's client holds, snapshot by snapshot.
+#[derive(Default)]
+pub struct ViewerHistory {
+    entries: Vec<Entry>,
+    // Scratch buffers, kept to avoid allocating per tick.
+    sent: Vec<EntityState>,
+    removed: Vec<u32>,
+    ids: Vec<u32>,
+    merged: Vec<EntityState>,
+}
+
+/// Figures of one built snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BuiltSnapshot {
+    /// The baseline tick (0: full).
+    pub baseline: u32,
+    /// Entities sent.
+    pub entities: usize,
+    /// Entities that changed but did not fit.
+    pub deferred: usize,
+    /// Removals sent.
+    pub removed: usize,
+}
+
+impl ViewerHistory {
+    fn slot(tick: u32) -> usize {
+        tick as usize % HISTORY
+    }
+
+    /// Bytes of entity state held (for memory accounting).
+    pub fn held_bytes(&self) -> usize {
+        self.entries
+            .iter()
+            .map(|e| e.state.capacity() * ENTITY_STATE_SIZE)
+            .sum::<usize>()
+            + (self.sent.capacity() + self.merged.capacity()) * ENTITY_STATE_SIZE
+    }
+
+    /// Builds the snapshot of `tick` for a viewer whose client acknowledged `ack`.
+    ///
+    /// `view` is what the viewer can see now (any order; it is sorted here by priority).
+    /// The encoded datagram is left in `writer`'s buffer and returned with its figures.
+    #[allow(clippy::too_many_arguments)]
+    pub fn build<'w>(
+        &mut self,
+        tick: u32,
+        ack: u32,
+        last_input: u32,
+        you: u32,
+        view: &mut [ViewEntity],
+        max_bytes: usize,
+        writer: &'w mut SnapshotWriter,
+    ) -> (&'w [u8], BuiltSnapshot) {
+        if self.entries.is_empty() {
+            self.entries.resize_with(HISTORY, Entry::default);
+        }
+        // A usable baseline: sent by us (still in the ring) and strictly older than this tick.
+        let base_slot = Self::slot(ack);
+        let baseline = if ack != 0
+            && ack < tick
+            && tick - ack < HISTORY as u32
+            && self.entries[base_slot].tick == ack
+        {
+            ack
+        } else {
+            0
+        };
+
+        view.sort_unstable_by_key(|v| (v.priority, v.state.id()));
+        self.ids.clear();
+        self.ids.extend(view.iter().map(|v| v.state.id()));
+        self.ids.sort_unstable();
+
+        // Removals: in the baseline, not in view.
+        self.removed.clear();
+        if baseline != 0 {
+            for e in &self.entries[base_slot].state {
+                if self.ids.binary_search(&e.id()).is_err() {
+                    self.removed.push(e.id());
+                }
+            }
+        }
+        let mut budget = max_bytes.saturating_sub(SNAPSHOT_OVERHEAD);
+        let removal_room = budget / 4;
+        self.removed.truncate(removal_room);
+        budget -= self.removed.len() * 4;
+
+        // Changes, in priority order, while they fit.
+        self.sent.clear();
+        let mut deferred = 0;
+        for v in view.iter() {
+            let unchanged = baseline != 0
+                && self.entries[base_slot]
+                    .state
+                    .binary_search_by_key(&v.state.id(), |e| e.id())
+                    .is_ok_and(|i| self.entries[base_slot].state[i] == v.state);
+            if unchanged {
+                continue;
+            }
+            if budget < ENTITY_STATE_SIZE {
+                deferred += 1;
+                continue;
+            }
+            budget -= ENTITY_STATE_SIZE;
+            self.sent.push(v.state);
+        }
+        let bytes = writer.encode(tick, baseline, last_input, you, &self.sent, &self.removed);
+
+        // Record what the client will hold: baseline - removed, then upsert what was sent.
+        self.merged.clear();
+        if baseline != 0 {
+            let removed = &self.removed;
+            self.merged.extend(
+                self.entries[base_slot]
+                    .state
+                    .iter()
+                    .filter(|e| !removed.contains(&e.id())),
+            );
+        }
+        for s in &self.sent {
+            match self.merged.binary_search_by_key(&s.id(), |e| e.id()) {
+                Ok(i) => self.merged[i] = *s,
+                Err(i) => self.merged.insert(i, *s),
+            }
+        }
+        let slot = Self::slot(tick);
+        self.entries[slot].tick = tick;
+        std::mem::swap(&mut self.entries[slot].state, &mut self.merged);
+        let built = BuiltSnapshot {
+            baseline,
+            entities: self.sent.len(),
+            deferred,
+            removed: self.removed.len(),
+        };
+        (bytes, built)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tickshard_schema::decode_snapshot;
+
+    fn ent(id: u32, x: u16) -> ViewEntity {
+        ViewEntity {
+            state: EntityState::new(id, x, 0, 0, 0, 100, 0, 0, 0),
+            priority: id,
+        }
+    }
+
+    #[test]
+    fn delta_sends_only_changes_and_removals() {
+        let mut h = ViewerHistory::default();
+        let mut w = SnapshotWriter::default();
+        let mut view = vec![ent(1, 10), ent(2, 20), ent(3, 30)];
+        let (_, b1) = h.build(1, 0, 0, 1, &mut view, 1200, &mut w);
+        assert_eq!(
+            b1,
+            BuiltSnapshot {
+                baseline: 0,
+                entities: 3,
+                deferred: 0,
+                removed: 0
+            }
+        );
+        let mut view = vec![ent(1, 11), ent(2, 20)];
+        let (bytes, b2) = h.build(2, 1, 0, 1, &mut view, 1200, &mut w);
+        assert_eq!(
+            b2,
+            BuiltSnapshot {
+                baseline: 1,
+                entities: 1,
+                deferred: 0,
+                removed: 1
+            }
+        );
+        let s = decode_snapshot(bytes).unwrap();
+        assert_eq!(s.removed().unwrap().iter().collect::<Vec<_>>(), vec![3]);
+        assert_eq!(s.entities().unwrap().get(0).x(), 11);
+    }
+
+    #[test]
+    fn budget_defers_low_priority_entities() {
+        let mut h = ViewerHistory::default();
+        let mut w = SnapshotWriter::default();
+        let mut view: Vec<_> = (1..=100).map(|i| ent(i, i as u16)).collect();
+        let max = SNAPSHOT_OVERHEAD + 10 * ENTITY_STATE_SIZE;
+        let (bytes, b) = h.build(1, 0, 0, 1, &mut view, max, &mut w);
+        assert!(bytes.len() <= max, "{} > {max}", bytes.len());
+        assert_eq!(b.entities, 10);
+        assert_eq!(b.deferred, 90);
+        let s = decode_snapshot(bytes).unwrap();
+        let ids: Vec<u32> = s.entities().unwrap().iter().map(|e| e.id()).collect();
+        assert_eq!(ids, (1..=10).collect::<Vec<_>>(), "highest priority first");
+        // The next delta against tick 1 sends the next ten.
+        let (_, b) = h.build(2, 1, 0, 1, &mut view, max, &mut w);
+        assert_eq!((b.baseline, b.entities, b.deferred), (1, 10, 80));
+    }
+
+    #[test]
+    fn stale_or_bogus_ack_gets_full_state() {
+        let mut h = ViewerHistory::default();
+        let mut w = SnapshotWriter::default();
+        let mut view = vec![ent(1, 1)];
+        h.build(1, 0, 0, 1, &mut view, 1200, &mut w);
+        for (tick, ack) in [(2, 9), (40, 1), (41, 0)] {
+            let (_, b) = h.build(tick, ack, 0, 1, &mut view, 1200, &mut w);
+            assert_eq!(b.baseline, 0, "tick {tick} ack {ack}");
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! Shard figures: plain counters and HDR histograms, owned by one shard and never shared.
+//!
+//! Counters are plain `u64`s (one thread touches them); histograms record in microseconds
+//! without allocating. Operators read them through the shard's status; tests read them
+//! directly from the core.
+
+use hdrhistogram::Histogram;
+use std::time::Duration;
+
+/// The numbered phases of a room tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// (1) Ingest: refill input budgets, measure input queues.
+    Ingest = 0,
+    /// (2) Apply inputs in sequence order.
+    Apply = 1,
+    /// (3) Simulate one step.
+    Simulate = 2,
+    /// (4) Build one snapshot per viewer.
+    Snapshot = 3,
+    /// (5) Flush: hand snapshots and events to connections and the mesh.
+    Flush = 4,
+}
+
+/// Names of the phases, in order, for reports.
+pub const PHASE_NAMES: [&str; 5] = ["ingest", "apply", "simulate", "snapshot", "flush"];
+
+/// Tick health of one shard.
+pub struct TickStats {
+    /// How late each room tick started after its deadline (µs).
+    pub lateness_us: Histogram<u64>,
+    /// Duration of each room tick (µs).
+    pub duration_us: Histogram<u64>,
+    /// Duration of each phase (µs), indexed by [`Phase`].
+    pub phase_us: [Histogram<u64>; 5],
+    /// Input commands waiting per seat at the ingest phase.
+    pub input_queue_depth: Histogram<u64>,
+    /// Ticks run.
+    pub ticks: u64,
+    /// Deadlines skipped because a tick started more than one period late.
+    pub overruns: u64,
+}
+
+fn hist() -> Histogram<u64> {
+    // 1 µs .. 60 s at 3 significant figures.
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("static histogram bounds are valid")
+}
+
+impl Default for TickStats {
+    fn default() -> Self {
+        TickStats {
+            lateness_us: hist(),
+            duration_us: hist(),
+            phase_us: [hist(), hist(), hist(), hist(), hist()],
+            input_queue_depth: Histogram::new_with_bounds(1, 1024, 2)
+                .expect("static histogram bounds are valid"),
+            ticks: 0,
+            overruns: 0,
+        }
+    }
+}
+
+/// Records a duration in a microsecond histogram, saturating at its upper bound.
+pub fn record(h: &mut Histogram<u64>, d: Duration) {
+    h.saturating_record(d.as_micros().min(u64::MAX as u128) as u64);
+}
+
+/// Counters of one shard.
+#[derive(Debug, Default, Clone)]
+pub struct Counters {
+    /// UDP datagrams received.
+    pub udp_in: u64,
+    /// UDP datagrams sent.
+    pub udp_out: u64,
+    /// UDP bytes received.
+    pub udp_bytes_in: u64,
+    /// UDP bytes sent.
+    pub udp_bytes_out: u64,
+    /// UDP sends that failed (buffer full or error).
+    pub udp_send_errors: u64,
+    /// Connections accepted.
+    pub handshakes: u64,
+    /// Connections refused (full or draining).
+    pub refused: u64,
+    /// Sessions that completed hello.
+    pub sessions: u64,
+    /// Connections closed by the server for bad input, by reason code.
+    pub closed_for_bad_input: u64,
+    /// QUIC datagrams from clients that failed verification.
+    pub malformed_datagrams: u64,
+    /// Control frames that failed verification or framing.
+    pub malformed_frames: u64,
+    /// Input datagrams from clients not in a room.
+    pub input_not_in_room: u64,
+    /// Input commands received and queued.
+    pub inputs_received: u64,
+    /// Input commands ignored as duplicates or older than what was applied.
+    pub inputs_stale: u64,
+    /// Input commands dropped because the seat's queue was full (flood or clock drift).
+    pub inputs_dropped: u64,
+    /// Input commands applied to games.
+    pub inputs_applied: u64,
+    /// Snapshot datagrams produced.
+    pub snapshots: u64,
+    /// Snapshot bytes produced.
+    pub snapshot_bytes: u64,
+    /// Entities that changed but did not fit their snapshot.
+    pub snapshot_deferred: u64,
+    /// Datagrams quinn refused to queue (too large or peer does not accept datagrams).
+    pub datagram_send_errors: u64,
+    /// Messages sent to other shards.
+    pub mesh_out: u64,
+    /// Messages received from other shards.
+    pub mesh_in: u64,
+    /// Rooms created.
+    pub rooms_created: u64,
+    /// Rooms closed.
+    pub rooms_closed: u64,
+}

@@ -1,0 +1,223 @@
+//! TLS for QUIC: the server certificate and the quinn-proto server configuration.
+//!
+//! With no certificate configured, the server makes a self-signed development certificate
+//! for `localhost` and `127.0.0.1` (ECDSA P-256, which every TLS 1.3 stack accepts), stores
+//! it under the data directory as `dev-cert.der`, `dev-cert.pem` and `dev-key.pem`, and
+//! reuses it on later starts so clients that pinned it keep working. Its SHA-256
+//! fingerprint is logged at start.
+
+use quinn_proto::crypto::rustls::QuicServerConfig;
+use quinn_proto::{ServerConfig, TransportConfig, VarInt};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A certificate chain and its key.
+#[derive(Debug)]
+pub struct Identity {
+    /// Leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The leaf's private key.
+    pub key: PrivateKeyDer<'static>,
+    /// Where the leaf certificate is stored, if on disk.
+    pub cert_path: Option<PathBuf>,
+}
+
+/// Why the TLS identity could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// Reading or writing a certificate or key file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A PEM file held no certificate or no key.
+    #[error("{0}: no usable certificate or private key found")]
+    Empty(PathBuf),
+    /// Generating the development certificate failed.
+    #[error("generating the development certificate: {0}")]
+    Generate(String),
+    /// rustls refused the certificate or key.
+    #[error("tls configuration: {0}")]
+    Config(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
+    move |source| TlsError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl Identity {
+    /// Loads a PEM certificate chain and PEM private key.
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        let cert_pem = std::fs::read(cert).map_err(io(cert))?;
+        let chain: Vec<_> = rustls_pemfile::certs(&mut &cert_pem[..])
+            .collect::<Result<_, _>>()
+            .map_err(io(cert))?;
+        if chain.is_empty() {
+            return Err(TlsError::Empty(cert.to_owned()));
+        }
+        let key_pem = std::fs::read(key).map_err(io(key))?;
+        let key_der = rustls_pemfile::private_key(&mut &key_pem[..])
+            .map_err(io(key))?
+            .ok_or_else(|| TlsError::Empty(key.to_owned()))?;
+        Ok(Identity {
+            chain,
+            key: key_der,
+            cert_path: Some(cert.to_owned()),
+        })
+    }
+
+    /// Loads the development certificate from `data_dir`, creating it on first use.
+    pub fn development(data_dir: &Path) -> Result<Self, TlsError> {
+        let cert_pem = data_dir.join("dev-cert.pem");
+        let key_pem = data_dir.join("dev-key.pem");
+        if cert_pem.exists() && key_pem.exists() {
+            return Self::load(&cert_pem, &key_pem);
+        }
+        std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
+        let generated = Self::generate()?;
+        let cert = &generated.chain[0];
+        let cert_text = pem_encode("CERTIFICATE", cert.as_ref());
+        let key_text = pem_encode("PRIVATE KEY", generated.key.secret_der());
+        let der_path = data_dir.join("dev-cert.der");
+        std::fs::write(&der_path, cert.as_ref()).map_err(io(&der_path))?;
+        std::fs::write(&cert_pem, cert_text).map_err(io(&cert_pem))?;
+        std::fs::write(&key_pem, key_text).map_err(io(&key_pem))?;
+        Ok(Identity {
+            cert_path: Some(cert_pem),
+            ..generated
+        })
+    }
+
+    /// A fresh in-memory development certificate (nothing written).
+    pub fn generate() -> Result<Self, TlsError> {
+        let names = vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+            "::1".to_string(),
+        ];
+        let ck = rcgen::generate_simple_self_signed(names)
+            .map_err(|e| TlsError::Generate(e.to_string()))?;
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.key_pair.serialize_der()));
+        Ok(Identity {
+            chain: vec![ck.cert.der().clone()],
+            key,
+            cert_path: None,
+        })
+    }
+
+    /// SHA-256 of the leaf certificate, as lowercase hex: what a client pins.
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.chain[0])
+    }
+}
+
+/// SHA-256 of a DER certificate as lowercase hex.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    Sha256::digest(cert.as_ref())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn pem_encode(label: &str, der: &[u8]) -> String {
+    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = String::with_capacity(der.len() * 4 / 3 + 4);
+    for chunk in der.chunks(3) {
+        let n = chunk.len();
+        let v = (chunk[0] as u32) << 16
+            | (*chunk.get(1).unwrap_or(&0) as u32) << 8
+            | *chunk.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= n {
+                b64.push(B64[(v >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                b64.push('=');
+            }
+        }
+    }
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).expect("base64 is ascii"));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+/// QUIC transport settings shared by every shard.
+#[derive(Debug, Clone, Copy)]
+pub struct TransportSettings {
+    /// Close a connection after this long without hearing from the peer.
+    pub idle_timeout: Duration,
+}
+
+/// Builds the quinn-proto server configuration: TLS 1.3 with ALPN `tickshard/1`, one
+/// bidirectional stream per client (the control stream), no unidirectional streams, datagrams on.
+pub fn server_config(
+    identity: &Identity,
+    settings: TransportSettings,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    tls.alpn_protocols = vec![tickshard_schema::ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut config = ServerConfig::with_crypto(Arc::new(quic));
+    let mut transport = TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(VarInt::from_u32(1))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .max_idle_timeout(Some(
+            settings
+                .idle_timeout
+                .try_into()
+                .map_err(|_| TlsError::Config("idle timeout too large".into()))?,
+        ))
+        .datagram_receive_buffer_size(Some(64 * 1024))
+        .datagram_send_buffer_size(64 * 1024)
+        // Game traffic is paced by the tick; one connection never needs a large window.
+        .stream_receive_window(VarInt::from_u32(64 * 1024))
+        .receive_window(VarInt::from_u32(256 * 1024))
+        .send_window(256 * 1024);
+    config.transport_config(Arc::new(transport));
+    config.migration(true);
+    Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn development_certificate_is_stored_and_reused() {
+        let dir = std::env::temp_dir().join(format!("tickshard-tls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let a = Identity::development(&dir).unwrap();
+        assert!(dir.join("dev-cert.der").exists());
+        let b = Identity::development(&dir).unwrap();
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        assert_eq!(a.fingerprint().len(), 64);
+        server_config(
+            &b,
+            TransportSettings {
+                idle_timeout: Duration::from_secs(10),
+            },
+        )
+        .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
