@@ -1,1 +1,722 @@
-//! placeholder
+//! client-sim: a tickshard client for Rust games, and the engine of the bot swarm.
+//!
+//! [`Client`] is a sans-IO client, in the style of quinn-proto (on which it is built): it
+//! performs no I/O and reads no clock. Feed it UDP datagrams with
+//! [`Client::handle_datagram`] and deadlines with [`Client::handle_timeout`]; send what
+//! [`Client::poll_transmit`] returns; react to [`Client::poll_event`]. The same client runs
+//! over a real socket (the `client-sim` binary, [`drive`]) and inside the deterministic test
+//! harness.
+//!
+//! What it does for a game:
+//! - connects with ALPN `tickshard/1`, trusting the server by certificate file, SHA-256 pin,
+//!   or (loudly) not at all ([`Trust`]);
+//! - sends `Hello` on its control stream as soon as it connects, then `Join`, `Leave`, `Chat`;
+//! - sends inputs with redundancy: every input datagram carries the commands the server has
+//!   not yet confirmed, up to [`tickshard_schema::MAX_INPUT_REDUNDANCY`], so a lost datagram
+//!   costs nothing;
+//! - rebuilds the visible world from delta snapshots and acknowledges the newest one in each
+//!   input, tracks the last input the server applied (for prediction) and the RTT.
+//!
+//! ```no_run
+//! use client_sim::{drive::UdpClient, ClientConfig, ClientEvent, Trust};
+//! use std::time::{Duration, Instant};
+//!
+//! let trust = Trust::from_cert_file(".tickshard/dev-cert.der".as_ref()).unwrap();
+//! let config = ClientConfig::new(trust, "localhost");
+//! let mut c = UdpClient::connect("127.0.0.1:4433".parse().unwrap(), &config, None).unwrap();
+//! c.client.join(None, "arena");
+//! let end = Instant::now() + Duration::from_secs(2);
+//! while Instant::now() < end {
+//!     c.client.send_input(Instant::now(), 127, 0, 0, 0); // move right
+//!     c.run_for(Duration::from_millis(33)).unwrap();
+//!     while let Some(ev) = c.client.poll_event() {
+//!         if let ClientEvent::Joined { room_id, .. } = ev {
+//!             println!("joined room {room_id}");
+//!         }
+//!     }
+//! }
+//! println!("I am at {:?}", c.client.own_entity().map(|e| (e.x(), e.y())));
+//! ```
+
+pub mod drive;
+pub mod trust;
+
+pub use trust::Trust;
+
+use bytes::{Bytes, BytesMut};
+use flatbuffers::FlatBufferBuilder;
+use quinn_proto::{
+    ClientConfig as QuicClientConfig, ConnectionHandle, DatagramEvent, Dir, Endpoint,
+    EndpointConfig, Event, StreamEvent, StreamId, Transmit, TransportConfig, VarInt,
+};
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tickshard_schema::{
+    codes, decode_snapshot, ControlMsg, EntityState, FrameDecoder, InputCmd, InputDatagram,
+    LeaveReason, MAX_INPUT_REDUNDANCY, PROTOCOL_VERSION,
+};
+
+/// How many reconstructed snapshots the client keeps as possible delta baselines. The server
+/// keeps 16; keeping more means the client always holds whatever baseline the server picks.
+pub const CLIENT_HISTORY: usize = 32;
+
+/// How to reach and trust a server.
+#[derive(Clone)]
+pub struct ClientConfig {
+    quic: QuicClientConfig,
+    /// The TLS server name (the development certificate covers `localhost`).
+    pub server_name: String,
+    /// Name sent in hello.
+    pub client_name: String,
+    /// Token sent in hello.
+    pub token: String,
+}
+
+impl ClientConfig {
+    /// A configuration trusting the server as `trust` says, for `server_name`.
+    pub fn new(trust: Trust, server_name: &str) -> Self {
+        let tls = trust.rustls_config();
+        let quic_tls = quinn_proto::crypto::rustls::QuicClientConfig::try_from(tls)
+            .expect("TLS 1.3 with an initial cipher suite is always configured");
+        let mut quic = QuicClientConfig::new(Arc::new(quic_tls));
+        let mut transport = TransportConfig::default();
+        transport
+            .keep_alive_interval(Some(Duration::from_secs(2)))
+            .max_idle_timeout(Some(VarInt::from_u32(10_000).into()))
+            .datagram_receive_buffer_size(Some(256 * 1024));
+        quic.transport_config(Arc::new(transport));
+        ClientConfig {
+            quic,
+            server_name: server_name.to_owned(),
+            client_name: "client-sim".into(),
+            token: String::new(),
+        }
+    }
+}
+
+/// Why a connection could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// quinn-proto refused to start the connection.
+    #[error("connect: {0}")]
+    Quic(#[from] quinn_proto::ConnectError),
+}
+
+/// Where the session stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionState {
+    /// QUIC handshake, or hello sent and no welcome yet.
+    Connecting,
+    /// Welcomed, not in a room.
+    Lobby,
+    /// Join sent.
+    Joining,
+    /// Holding a seat.
+    InRoom {
+        /// The room.
+        room_id: u64,
+        /// Our entity.
+        entity_id: u32,
+    },
+    /// The connection ended.
+    Closed {
+        /// Why.
+        reason: CloseReason,
+    },
+}
+
+/// Why a connection ended: plain data, for reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The server closed it with an application code and reason.
+    Server {
+        /// The application error code (`tickshard_schema::codes`).
+        code: u64,
+        /// The server's reason.
+        reason: String,
+    },
+    /// We closed it.
+    Local,
+    /// No answer within the idle timeout.
+    TimedOut,
+    /// A transport-level failure (TLS, protocol).
+    Transport(String),
+}
+
+/// Something the application should know about.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientEvent {
+    /// The server answered hello.
+    Welcome {
+        /// Our player id.
+        player_id: u64,
+        /// The shard holding our connection.
+        shard: u16,
+        /// Default tick rate.
+        tick_rate: u16,
+    },
+    /// We hold a seat.
+    Joined {
+        /// The room.
+        room_id: u64,
+        /// Its shard.
+        shard: u16,
+        /// Our entity.
+        entity_id: u32,
+        /// The room's tick rate.
+        tick_rate: u16,
+        /// Players in the room, us included.
+        players: u16,
+    },
+    /// We no longer hold a seat.
+    Left {
+        /// The room.
+        room_id: u64,
+        /// Why.
+        reason: LeaveReason,
+    },
+    /// A chat line.
+    Chat {
+        /// Sender.
+        from_player: u64,
+        /// Text.
+        text: String,
+    },
+    /// A game event.
+    GameEvent {
+        /// Tick.
+        tick: u32,
+        /// Kind.
+        kind: u16,
+        /// First argument.
+        a: u32,
+        /// Second argument.
+        b: u32,
+    },
+    /// The server is draining.
+    Drain {
+        /// Time left.
+        grace_ms: u32,
+        /// Where to go.
+        reconnect_hint: String,
+    },
+    /// A request failed.
+    Error {
+        /// Code.
+        code: u16,
+        /// Message.
+        message: String,
+    },
+    /// A snapshot was applied.
+    Snapshot {
+        /// Its tick.
+        tick: u32,
+        /// Its size in bytes.
+        bytes: usize,
+    },
+    /// The connection ended.
+    Closed(CloseReason),
+}
+
+/// Figures one client keeps.
+#[derive(Debug, Clone, Default)]
+pub struct ClientStats {
+    /// Snapshots applied.
+    pub snapshots: u64,
+    /// Snapshot bytes received.
+    pub snapshot_bytes: u64,
+    /// Snapshots that arrived after a newer one (ignored).
+    pub snapshots_late: u64,
+    /// Snapshots that failed verification or named a baseline we do not hold.
+    pub decode_errors: u64,
+    /// Input datagrams sent.
+    pub inputs_sent: u64,
+    /// Every snapshot applied, as (tick, bytes), when recording is on.
+    pub recorded: Vec<(u32, Vec<u8>)>,
+}
+
+/// A sans-IO tickshard client. See the crate documentation.
+pub struct Client {
+    endpoint: Endpoint,
+    ch: ConnectionHandle,
+    conn: quinn_proto::Connection,
+    server: SocketAddr,
+    state: SessionState,
+    control: Option<StreamId>,
+    frames: FrameDecoder,
+    backlog: Vec<u8>,
+    fbb: FlatBufferBuilder<'static>,
+    responses: VecDeque<(Transmit, Vec<u8>)>,
+    events: VecDeque<ClientEvent>,
+    player_id: u64,
+    history: VecDeque<(u32, Vec<EntityState>)>,
+    latest: u32,
+    last_applied: u32,
+    next_seq: u32,
+    client_tick: u32,
+    unconfirmed: VecDeque<InputCmd>,
+    stats: ClientStats,
+    record: bool,
+    hello: ControlMsg,
+}
+
+impl Client {
+    /// Starts connecting to `server`. `seed` fixes quinn's randomness (tests).
+    pub fn connect(
+        now: Instant,
+        config: &ClientConfig,
+        server: SocketAddr,
+        seed: Option<[u8; 32]>,
+    ) -> Result<Self, ConnectError> {
+        let mut endpoint = Endpoint::new(Arc::new(EndpointConfig::default()), None, true, seed);
+        let (ch, conn) = endpoint.connect(now, config.quic.clone(), server, &config.server_name)?;
+        let mut c = Client {
+            endpoint,
+            ch,
+            conn,
+            server,
+            state: SessionState::Connecting,
+            control: None,
+            frames: FrameDecoder::default(),
+            backlog: Vec::new(),
+            fbb: FlatBufferBuilder::with_capacity(1024),
+            responses: VecDeque::new(),
+            events: VecDeque::new(),
+            player_id: 0,
+            history: VecDeque::with_capacity(CLIENT_HISTORY),
+            latest: 0,
+            last_applied: 0,
+            next_seq: 1,
+            client_tick: 0,
+            unconfirmed: VecDeque::with_capacity(MAX_INPUT_REDUNDANCY),
+            stats: ClientStats::default(),
+            record: false,
+            hello: ControlMsg::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                token: config.token.clone(),
+                client_name: config.client_name.clone(),
+            },
+        };
+        // Queue hello now; the control stream opens once the handshake tells us the server's
+        // stream limit, and the queued frames go out then.
+        let hello = c.hello.clone();
+        c.send_control(&hello);
+        Ok(c)
+    }
+
+    // ---- getters ----
+
+    /// The session state.
+    pub fn state(&self) -> &SessionState {
+        &self.state
+    }
+    /// Our player id (0 before welcome).
+    pub fn player_id(&self) -> u64 {
+        self.player_id
+    }
+    /// Our entity, if seated.
+    pub fn entity_id(&self) -> Option<u32> {
+        match self.state {
+            SessionState::InRoom { entity_id, .. } => Some(entity_id),
+            _ => None,
+        }
+    }
+    /// The visible world after the newest snapshot, sorted by entity id.
+    pub fn world(&self) -> &[EntityState] {
+        self.history
+            .back()
+            .map(|(_, s)| s.as_slice())
+            .unwrap_or(&[])
+    }
+    /// Our own entity's latest state.
+    pub fn own_entity(&self) -> Option<&EntityState> {
+        let id = self.entity_id()?;
+        self.world().iter().find(|e| e.id() == id)
+    }
+    /// Tick of the newest snapshot.
+    pub fn latest_tick(&self) -> u32 {
+        self.latest
+    }
+    /// Sequence number of the last input the server applied.
+    pub fn last_applied_input(&self) -> u32 {
+        self.last_applied
+    }
+    /// Sequence number of the last input sent.
+    pub fn last_sent_input(&self) -> u32 {
+        self.next_seq - 1
+    }
+    /// Smoothed RTT.
+    pub fn rtt(&self) -> Duration {
+        self.conn.rtt()
+    }
+    /// Figures.
+    pub fn stats(&self) -> &ClientStats {
+        &self.stats
+    }
+    /// The server's address.
+    pub fn server(&self) -> SocketAddr {
+        self.server
+    }
+    /// Whether quinn has fully finished with the connection.
+    pub fn is_drained(&self) -> bool {
+        self.conn.is_drained()
+    }
+    /// Keep every snapshot's bytes in [`ClientStats::recorded`] (tests).
+    pub fn record_snapshots(&mut self, on: bool) {
+        self.record = on;
+    }
+
+    // ---- commands ----
+
+    /// Joins room `room_id`, or quick-matches `mode` when `None`.
+    pub fn join(&mut self, room_id: Option<u64>, mode: &str) {
+        if self.state == SessionState::Lobby {
+            self.state = SessionState::Joining;
+        }
+        self.send_control(&ControlMsg::Join {
+            room_id: room_id.unwrap_or(0),
+            mode: mode.to_owned(),
+        });
+    }
+
+    /// Leaves the current room.
+    pub fn leave(&mut self) {
+        self.send_control(&ControlMsg::Leave);
+    }
+
+    /// Sends a chat line to the room.
+    pub fn chat(&mut self, text: &str) {
+        self.send_control(&ControlMsg::Chat {
+            from_player: 0,
+            text: text.to_owned(),
+        });
+    }
+
+    /// Sends this tick's command, with the unconfirmed earlier ones for redundancy.
+    /// Returns the command's sequence number.
+    pub fn send_input(
+        &mut self,
+        _now: Instant,
+        move_x: i8,
+        move_y: i8,
+        buttons: u8,
+        aim: u16,
+    ) -> u32 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.client_tick += 1;
+        while self
+            .unconfirmed
+            .front()
+            .is_some_and(|c| c.seq() <= self.last_applied)
+        {
+            self.unconfirmed.pop_front();
+        }
+        if self.unconfirmed.len() == MAX_INPUT_REDUNDANCY {
+            self.unconfirmed.pop_front();
+        }
+        self.unconfirmed
+            .push_back(InputCmd::new(seq, move_x, move_y, buttons, 0, aim));
+        let mut d = InputDatagram {
+            seq,
+            client_tick: self.client_tick,
+            ack_snapshot: self.latest,
+            len: self.unconfirmed.len() as u8,
+            ..Default::default()
+        };
+        for (i, c) in self.unconfirmed.iter().rev().enumerate() {
+            d.cmds[i] = *c;
+        }
+        let bytes = Bytes::copy_from_slice(d.encode(&mut self.fbb));
+        if self.conn.datagrams().send(bytes, true).is_ok() {
+            self.stats.inputs_sent += 1;
+        }
+        seq
+    }
+
+    /// Sends raw bytes on the control stream (testing the server's error paths).
+    pub fn send_raw_control(&mut self, bytes: &[u8]) {
+        self.backlog.extend_from_slice(bytes);
+        self.flush_backlog();
+    }
+
+    /// Sends a raw datagram (testing the server's error paths).
+    pub fn send_raw_datagram(&mut self, bytes: &[u8]) {
+        let _ = self
+            .conn
+            .datagrams()
+            .send(Bytes::copy_from_slice(bytes), true);
+    }
+
+    /// Closes the connection.
+    pub fn close(&mut self, now: Instant) {
+        self.conn.close(
+            now,
+            VarInt::from_u32(codes::NO_ERROR),
+            Bytes::from_static(b"bye"),
+        );
+        if !matches!(self.state, SessionState::Closed { .. }) {
+            self.state = SessionState::Closed {
+                reason: CloseReason::Local,
+            };
+        }
+    }
+
+    // ---- inputs ----
+
+    /// Processes one UDP datagram from the network.
+    pub fn handle_datagram(&mut self, now: Instant, remote: SocketAddr, data: BytesMut) {
+        let mut buf = Vec::new();
+        match self
+            .endpoint
+            .handle(now, remote, None, None, data, &mut buf)
+        {
+            Some(DatagramEvent::ConnectionEvent(ch, ev)) if ch == self.ch => {
+                self.conn.handle_event(ev);
+                self.drive(now);
+            }
+            Some(DatagramEvent::Response(t)) => self.responses.push_back((t, buf)),
+            _ => {}
+        }
+    }
+
+    /// Runs timers due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.conn.poll_timeout().is_some_and(|t| t <= now) {
+            self.conn.handle_timeout(now);
+            self.drive(now);
+        }
+    }
+
+    // ---- outputs ----
+
+    /// The next datagram to send; its bytes are in `buf`.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        if let Some((t, data)) = self.responses.pop_front() {
+            buf.clear();
+            buf.extend_from_slice(&data);
+            return Some(t);
+        }
+        buf.clear();
+        let t = self.conn.poll_transmit(now, 1, buf);
+        self.drive_endpoint();
+        t
+    }
+
+    /// When [`Client::handle_timeout`] must next be called.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        self.conn.poll_timeout()
+    }
+
+    /// The next event for the application.
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.events.pop_front()
+    }
+
+    // ---- internals ----
+
+    fn drive_endpoint(&mut self) {
+        while let Some(ev) = self.conn.poll_endpoint_events() {
+            if let Some(back) = self.endpoint.handle_event(self.ch, ev) {
+                self.conn.handle_event(back);
+            }
+        }
+    }
+
+    fn drive(&mut self, now: Instant) {
+        self.drive_endpoint();
+        while let Some(ev) = self.conn.poll() {
+            match ev {
+                Event::Connected => {
+                    self.control = self.conn.streams().open(Dir::Bi);
+                    self.flush_backlog();
+                }
+                Event::Stream(StreamEvent::Readable { id }) if Some(id) == self.control => {
+                    self.read_control()
+                }
+                Event::Stream(StreamEvent::Writable { .. }) => self.flush_backlog(),
+                Event::DatagramReceived => {
+                    while let Some(d) = self.conn.datagrams().recv() {
+                        self.on_snapshot(&d);
+                    }
+                }
+                Event::ConnectionLost { reason } => {
+                    let reason = match reason {
+                        quinn_proto::ConnectionError::ApplicationClosed(c) => CloseReason::Server {
+                            code: c.error_code.into_inner(),
+                            reason: String::from_utf8_lossy(&c.reason).into_owned(),
+                        },
+                        quinn_proto::ConnectionError::TimedOut => CloseReason::TimedOut,
+                        quinn_proto::ConnectionError::LocallyClosed => CloseReason::Local,
+                        other => CloseReason::Transport(other.to_string()),
+                    };
+                    self.state = SessionState::Closed {
+                        reason: reason.clone(),
+                    };
+                    self.events.push_back(ClientEvent::Closed(reason));
+                }
+                _ => {}
+            }
+        }
+        let _ = now;
+        self.drive_endpoint();
+    }
+
+    fn send_control(&mut self, msg: &ControlMsg) {
+        msg.write_frame(&mut self.fbb, &mut self.backlog);
+        self.flush_backlog();
+    }
+
+    fn flush_backlog(&mut self) {
+        let Some(id) = self.control else { return };
+        if self.backlog.is_empty() {
+            return;
+        }
+        if let Ok(n) = self.conn.send_stream(id).write(&self.backlog) {
+            self.backlog.drain(..n);
+        }
+    }
+
+    fn read_control(&mut self) {
+        let Some(id) = self.control else { return };
+        let mut recv = self.conn.recv_stream(id);
+        if let Ok(mut chunks) = recv.read(true) {
+            while let Ok(Some(chunk)) = chunks.next(usize::MAX) {
+                self.frames.push(&chunk.bytes);
+            }
+            let _ = chunks.finalize();
+        }
+        loop {
+            let msg = match self.frames.next_frame() {
+                Ok(Some(f)) => ControlMsg::decode(f),
+                Ok(None) => break,
+                Err(_) => {
+                    self.stats.decode_errors += 1;
+                    break;
+                }
+            };
+            match msg {
+                Ok(m) => self.on_control(m),
+                Err(_) => self.stats.decode_errors += 1,
+            }
+        }
+    }
+
+    fn on_control(&mut self, msg: ControlMsg) {
+        let ev = match msg {
+            ControlMsg::Welcome {
+                player_id,
+                shard,
+                tick_rate,
+                ..
+            } => {
+                self.player_id = player_id;
+                if self.state == SessionState::Connecting {
+                    self.state = SessionState::Lobby;
+                }
+                ClientEvent::Welcome {
+                    player_id,
+                    shard,
+                    tick_rate,
+                }
+            }
+            ControlMsg::Joined {
+                room_id,
+                shard,
+                entity_id,
+                tick_rate,
+                players,
+                ..
+            } => {
+                self.state = SessionState::InRoom { room_id, entity_id };
+                self.history.clear();
+                self.latest = 0;
+                ClientEvent::Joined {
+                    room_id,
+                    shard,
+                    entity_id,
+                    tick_rate,
+                    players,
+                }
+            }
+            ControlMsg::Left { room_id, reason } => {
+                self.state = SessionState::Lobby;
+                ClientEvent::Left { room_id, reason }
+            }
+            ControlMsg::Chat { from_player, text } => ClientEvent::Chat { from_player, text },
+            ControlMsg::GameEvent { tick, kind, a, b } => {
+                ClientEvent::GameEvent { tick, kind, a, b }
+            }
+            ControlMsg::DrainNotice {
+                grace_ms,
+                reconnect_hint,
+            } => ClientEvent::Drain {
+                grace_ms,
+                reconnect_hint,
+            },
+            ControlMsg::Error { code, message } => {
+                if self.state == SessionState::Joining {
+                    self.state = SessionState::Lobby;
+                }
+                ClientEvent::Error { code, message }
+            }
+            _ => {
+                self.stats.decode_errors += 1;
+                return;
+            }
+        };
+        self.events.push_back(ev);
+    }
+
+    fn on_snapshot(&mut self, data: &[u8]) {
+        let Ok(s) = decode_snapshot(data) else {
+            self.stats.decode_errors += 1;
+            return;
+        };
+        let tick = s.tick();
+        if tick <= self.latest {
+            self.stats.snapshots_late += 1;
+            return;
+        }
+        let baseline = s.baseline();
+        let mut state: BTreeMap<u32, EntityState> = if baseline == 0 {
+            BTreeMap::new()
+        } else {
+            match self.history.iter().find(|(t, _)| *t == baseline) {
+                Some((_, st)) => st.iter().map(|e| (e.id(), *e)).collect(),
+                None => {
+                    self.stats.decode_errors += 1;
+                    return;
+                }
+            }
+        };
+        if let Some(removed) = s.removed() {
+            for id in removed.iter() {
+                state.remove(&id);
+            }
+        }
+        if let Some(ents) = s.entities() {
+            for e in ents.iter() {
+                state.insert(e.id(), *e);
+            }
+        }
+        if self.history.len() == CLIENT_HISTORY {
+            self.history.pop_front();
+        }
+        self.history
+            .push_back((tick, state.into_values().collect()));
+        self.latest = tick;
+        self.last_applied = self.last_applied.max(s.last_input());
+        self.stats.snapshots += 1;
+        self.stats.snapshot_bytes += data.len() as u64;
+        if self.record {
+            self.stats.recorded.push((tick, data.to_vec()));
+        }
+        self.events.push_back(ClientEvent::Snapshot {
+            tick,
+            bytes: data.len(),
+        });
+    }
+}

@@ -1,1 +1,240 @@
-fn main() {}
+//! `client-sim`: bots that speak the real tickshard protocol, and a report of what they saw.
+//!
+//! Every bot is a sans-IO [`client_sim::Client`] on its own UDP socket; all bots share one
+//! thread, polled in turn, so a swarm costs no task or thread per bot.
+
+use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
+use client_sim::drive::UdpClient;
+use client_sim::{ClientConfig, ClientEvent, SessionState, Trust};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Behavior {
+    /// Walk in a direction that changes every two seconds.
+    Wander,
+    /// Stand still (still sends inputs).
+    Idle,
+}
+
+/// Bot swarm for tickshard servers.
+#[derive(Parser, Debug)]
+#[command(name = "client-sim", version, about)]
+struct Args {
+    /// Server address.
+    #[arg(long, default_value = "127.0.0.1:4433")]
+    server: SocketAddr,
+    /// Number of bots.
+    #[arg(long, default_value_t = 1)]
+    bots: usize,
+    /// Seconds to play after joining.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Game mode for quick match.
+    #[arg(long, default_value = "arena")]
+    mode: String,
+    /// Join this room id instead of quick match.
+    #[arg(long)]
+    room: Option<u64>,
+    /// Bot behaviour.
+    #[arg(long, value_enum, default_value_t = Behavior::Wander)]
+    behavior: Behavior,
+    /// Seed: the same seed makes the same swarm.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Trust the server certificate in this DER or PEM file.
+    #[arg(long, default_value = ".tickshard/dev-cert.der")]
+    cert: PathBuf,
+    /// Trust exactly the certificate with this SHA-256 (overrides --cert).
+    #[arg(long)]
+    pin: Option<String>,
+    /// Accept any server certificate (dangerous; for experiments only).
+    #[arg(long)]
+    insecure: bool,
+    /// TLS server name.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Client ticks per second (inputs sent per second).
+    #[arg(long, default_value_t = 30)]
+    tick_rate: u32,
+}
+
+fn direction(seed: u64, bot: usize, tick: u64) -> (i8, i8) {
+    // splitmix64 of (seed, bot, 2-second window): the same seed gives the same walk.
+    let mut z = seed
+        ^ (bot as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ (tick / 60).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    let a = (z % 360) as f32 * std::f32::consts::PI / 180.0;
+    ((a.cos() * 127.0) as i8, (a.sin() * 127.0) as i8)
+}
+
+struct Bot {
+    io: UdpClient,
+    joined_at: Option<Instant>,
+    snapshots_in_room: u64,
+    failed: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let a = Args::parse();
+    let trust = if a.insecure {
+        eprintln!("WARNING: --insecure accepts ANY server certificate; anyone on the path can impersonate the server");
+        Trust::InsecureAnyCertificate
+    } else if let Some(pin) = &a.pin {
+        Trust::pin(pin)?
+    } else {
+        Trust::from_cert_file(&a.cert)
+            .with_context(|| "trusting the server certificate (use --pin or --cert)")?
+    };
+    let config = ClientConfig::new(trust, &a.server_name);
+    let mut bots = Vec::with_capacity(a.bots);
+    for i in 0..a.bots {
+        let mut seed = [0u8; 32];
+        seed[..8].copy_from_slice(&a.seed.to_le_bytes());
+        seed[8..16].copy_from_slice(&(i as u64).to_le_bytes());
+        let io = UdpClient::connect(a.server, &config, Some(seed))?;
+        bots.push(Bot {
+            io,
+            joined_at: None,
+            snapshots_in_room: 0,
+            failed: None,
+        });
+    }
+    let period = Duration::from_secs(1) / a.tick_rate.max(1);
+    let start = Instant::now();
+    let play = Duration::from_secs_f64(a.duration);
+    let connect_deadline = start + Duration::from_secs(10);
+    let mut next_tick = start;
+    let mut tick: u64 = 0;
+    loop {
+        let now = Instant::now();
+        for (i, b) in bots.iter_mut().enumerate() {
+            if b.failed.is_some() {
+                continue;
+            }
+            if let Err(e) = b.io.poll_io() {
+                b.failed = Some(format!("socket: {e}"));
+                continue;
+            }
+            while let Some(ev) = b.io.client.poll_event() {
+                match ev {
+                    ClientEvent::Welcome { .. } => b.io.client.join(a.room, &a.mode),
+                    ClientEvent::Joined { .. } => b.joined_at = Some(now),
+                    ClientEvent::Snapshot { .. } if b.joined_at.is_some() => {
+                        b.snapshots_in_room += 1
+                    }
+                    ClientEvent::Error { code, message } => {
+                        b.failed = Some(format!("error {code}: {message}"))
+                    }
+                    ClientEvent::Closed(r) => b.failed = Some(format!("closed: {r:?}")),
+                    _ => {}
+                }
+            }
+            if now >= next_tick && matches!(b.io.client.state(), SessionState::InRoom { .. }) {
+                let (x, y) = match a.behavior {
+                    Behavior::Wander => direction(a.seed, i, tick),
+                    Behavior::Idle => (0, 0),
+                };
+                b.io.client.send_input(now, x, y, 0, 0);
+                let _ = b.io.flush();
+            }
+        }
+        if now >= next_tick {
+            next_tick += period;
+            tick += 1;
+        }
+        let all_done = bots
+            .iter()
+            .all(|b| b.failed.is_some() || b.joined_at.is_some_and(|t| now >= t + play));
+        if all_done || (now > connect_deadline && bots.iter().all(|b| b.joined_at.is_none())) {
+            break;
+        }
+        let wait = next_tick
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(1));
+        std::thread::sleep(wait);
+    }
+    // Report.
+    let connected = bots.iter().filter(|b| b.joined_at.is_some()).count();
+    let mut rates: Vec<f64> = bots
+        .iter()
+        .filter(|b| b.joined_at.is_some())
+        .map(|b| b.snapshots_in_room as f64 / a.duration)
+        .collect();
+    rates.sort_by(|x, y| x.partial_cmp(y).expect("finite"));
+    let snaps: u64 = bots.iter().map(|b| b.io.client.stats().snapshots).sum();
+    let snap_bytes: u64 = bots
+        .iter()
+        .map(|b| b.io.client.stats().snapshot_bytes)
+        .sum();
+    let decode_errors: u64 = bots.iter().map(|b| b.io.client.stats().decode_errors).sum();
+    let bytes_in: u64 = bots.iter().map(|b| b.io.bytes_in).sum();
+    let bytes_out: u64 = bots.iter().map(|b| b.io.bytes_out).sum();
+    let secs = start.elapsed().as_secs_f64();
+    let mut rtts: Vec<f64> = bots
+        .iter()
+        .map(|b| b.io.client.rtt().as_secs_f64() * 1000.0)
+        .collect();
+    rtts.sort_by(|x, y| x.partial_cmp(y).expect("finite"));
+    let pct = |v: &[f64], q: f64| {
+        if v.is_empty() {
+            0.0
+        } else {
+            v[((v.len() - 1) as f64 * q).round() as usize]
+        }
+    };
+    println!("client-sim report");
+    println!(
+        "  bots {} connected {} failed {}",
+        a.bots,
+        connected,
+        a.bots - connected
+    );
+    for b in bots.iter().filter_map(|b| b.failed.as_ref()).take(5) {
+        println!("    failure: {b}");
+    }
+    println!(
+        "  snapshots per bot per second: p50 {:.1} min {:.1} (tick rate {})",
+        pct(&rates, 0.5),
+        pct(&rates, 0.0),
+        a.tick_rate
+    );
+    println!(
+        "  bytes per snapshot: {:.0}",
+        if snaps > 0 {
+            snap_bytes as f64 / snaps as f64
+        } else {
+            0.0
+        }
+    );
+    println!(
+        "  bytes per bot per second: in {:.0} out {:.0}",
+        bytes_in as f64 / a.bots as f64 / secs,
+        bytes_out as f64 / a.bots as f64 / secs
+    );
+    println!(
+        "  rtt ms: p50 {:.2} p99 {:.2}",
+        pct(&rtts, 0.5),
+        pct(&rtts, 0.99)
+    );
+    println!("  decode errors {decode_errors}");
+    for b in &mut bots {
+        b.io.client.close(Instant::now());
+        let _ = b.io.flush();
+    }
+    if connected < a.bots {
+        bail!("{} of {} bots did not play", a.bots - connected, a.bots);
+    }
+    Ok(())
+}

@@ -105,6 +105,11 @@ fn attach_steering(socket: &socket2::Socket, shards: u32) -> io::Result<()> {
 
 /// Binds one socket per shard on `addr` (port 0 picks a free port) and sets up steering.
 pub fn bind(addr: SocketAddr, shards: usize) -> io::Result<ShardSockets> {
+    // SO_REUSEPORT would let a second server (same user) bind the same port and silently take
+    // part of the traffic. A plain bind first fails if anything holds the port.
+    let probe = UdpSocket::bind(addr)?;
+    let addr = probe.local_addr()?;
+    drop(probe);
     let first = reuseport_socket(addr)?;
     let addr = first.local_addr()?.as_socket().expect("inet socket");
     if shards == 1 {
@@ -161,6 +166,16 @@ mod tests {
             std::thread::sleep(Duration::from_millis(2));
         }
         None
+    }
+
+    #[test]
+    fn a_port_in_use_is_refused() {
+        let socks = bind("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let addr = socks.local_addr(0).unwrap();
+        assert!(
+            bind(addr, 2).is_err(),
+            "a second server on the same port must fail"
+        );
     }
 
     #[test]

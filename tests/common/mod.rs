@@ -1,0 +1,216 @@
+//! Helpers for end-to-end tests: start the `tickshard` binary on a free loopback port, and a
+//! game client built on stock `quinn` (tokio).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+use tickshard_schema::{ControlMsg, FrameDecoder};
+
+/// Path of a workspace binary next to this test executable (`cargo test --workspace` builds
+/// every binary before it runs tests).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not built: run the tests with `cargo test --workspace`",
+        path.display()
+    );
+    path
+}
+
+/// A running server process, killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub fingerprint: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+impl Server {
+    /// Starts `tickshard` with `args` on 127.0.0.1, port chosen by the OS.
+    pub fn start(name: &str, args: &[&str]) -> Server {
+        let data_dir =
+            std::env::temp_dir().join(format!("tickshard-e2e-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data_dir);
+        let mut child = Command::new(binary("tickshard"))
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data_dir)
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start tickshard");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read tickshard stdout");
+        // "tickshard listening on ADDR shards=N steering=S sha256=HEX"
+        let mut words = line.split_whitespace();
+        let addr = words
+            .nth(3)
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+            .parse()
+            .unwrap();
+        let fingerprint = line.split("sha256=").nth(1).unwrap().trim().to_string();
+        Server {
+            child,
+            addr,
+            data_dir,
+            fingerprint,
+        }
+    }
+
+    pub fn cert_der(&self) -> Vec<u8> {
+        std::fs::read(self.data_dir.join("dev-cert.der")).unwrap()
+    }
+}
+
+/// A client on stock quinn: QUIC connection, control stream, datagrams.
+pub struct QuinnClient {
+    pub conn: quinn::Connection,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+    frames: FrameDecoder,
+    fbb: flatbuffers::FlatBufferBuilder<'static>,
+    _endpoint: quinn::Endpoint,
+}
+
+pub fn quinn_client_config(cert_der: &[u8]) -> quinn::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(cert_der.to_vec()))
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"tickshard/1".to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(2)));
+    config.transport_config(Arc::new(transport));
+    config
+}
+
+impl QuinnClient {
+    pub async fn connect(server: &Server) -> QuinnClient {
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(quinn_client_config(&server.cert_der()));
+        let conn = endpoint
+            .connect(server.addr, "localhost")
+            .unwrap()
+            .await
+            .expect("handshake");
+        let (send, recv) = conn.open_bi().await.unwrap();
+        QuinnClient {
+            conn,
+            send,
+            recv,
+            frames: FrameDecoder::default(),
+            fbb: flatbuffers::FlatBufferBuilder::new(),
+            _endpoint: endpoint,
+        }
+    }
+
+    pub async fn send(&mut self, msg: &ControlMsg) {
+        let mut out = Vec::new();
+        msg.write_frame(&mut self.fbb, &mut out);
+        self.send.write_all(&out).await.unwrap();
+    }
+
+    /// The next control message, within `timeout`.
+    pub async fn recv(&mut self, timeout: Duration) -> Option<ControlMsg> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(f) = self.frames.next_frame().expect("server frames are valid") {
+                return Some(ControlMsg::decode(f).expect("server messages verify"));
+            }
+            let mut buf = [0u8; 4096];
+            match tokio::time::timeout_at(deadline, self.recv.read(&mut buf)).await {
+                Ok(Ok(Some(n))) => self.frames.push(&buf[..n]),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Receives control messages until one matches.
+    pub async fn recv_until(
+        &mut self,
+        timeout: Duration,
+        mut f: impl FnMut(&ControlMsg) -> bool,
+    ) -> ControlMsg {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let m = self
+                .recv(left)
+                .await
+                .expect("expected control message did not arrive");
+            if f(&m) {
+                return m;
+            }
+        }
+    }
+
+    /// Hello, then welcome. Returns (player id, shard).
+    pub async fn hello(&mut self) -> (u64, u16) {
+        self.send(&ControlMsg::Hello {
+            protocol_version: 1,
+            token: String::new(),
+            client_name: "e2e".into(),
+        })
+        .await;
+        match self.recv(Duration::from_secs(5)).await {
+            Some(ControlMsg::Welcome {
+                player_id, shard, ..
+            }) => (player_id, shard),
+            other => panic!("expected welcome, got {other:?}"),
+        }
+    }
+
+    /// Join (room id or quick match) and wait for joined. Returns (room id, shard, entity id).
+    pub async fn join(&mut self, room_id: u64) -> (u64, u16, u32) {
+        self.send(&ControlMsg::Join {
+            room_id,
+            mode: "arena".into(),
+        })
+        .await;
+        match self
+            .recv_until(Duration::from_secs(5), |m| {
+                !matches!(m, ControlMsg::GameEvent { .. } | ControlMsg::Chat { .. })
+            })
+            .await
+        {
+            ControlMsg::Joined {
+                room_id,
+                shard,
+                entity_id,
+                ..
+            } => (room_id, shard, entity_id),
+            other => panic!("expected joined, got {other:?}"),
+        }
+    }
+}

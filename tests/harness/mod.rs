@@ -1,0 +1,419 @@
+//! A deterministic network for the shard core: N shards, M clients, a virtual clock, and
+//! seeded loss, latency, jitter, reordering and duplication per direction.
+//!
+//! Modelled on quinn-proto's `tests/util.rs` `Pair`, generalised to many peers. Nothing here
+//! reads the real clock or the OS RNG for decisions, so a seed replays exactly: the same seed
+//! gives the same packets, in the same order, at the same virtual times.
+
+#![allow(dead_code)]
+
+use bytes::BytesMut;
+use client_sim::{Client, ClientConfig, ClientEvent, Trust};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::cell::Cell;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+use tickshard::mesh::ShardMsg;
+use tickshard::tls::{self, Identity, TransportSettings};
+use tickshard::{builtin_modes, ShardConfig, ShardCore, ShardId};
+
+/// Impairment of one direction of every link.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Link {
+    /// Probability a datagram is lost.
+    pub loss: f64,
+    /// One-way delay.
+    pub latency: Duration,
+    /// Extra uniform random delay up to this.
+    pub jitter: Duration,
+    /// Probability a datagram is held back an extra 0..3 latency (reordering).
+    pub reorder: f64,
+    /// Probability a datagram is delivered twice.
+    pub duplicate: f64,
+}
+
+impl Link {
+    /// A clean 1 ms link.
+    pub fn clean() -> Self {
+        Link {
+            latency: Duration::from_millis(1),
+            ..Default::default()
+        }
+    }
+}
+
+/// Setup of a simulated network.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    pub shards: u16,
+    pub seed: u64,
+    pub tick_rate: u16,
+    pub capacity: u16,
+    pub up: Link,
+    pub down: Link,
+    pub hello_timeout: Duration,
+    pub empty_room_grace: Duration,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            shards: 1,
+            seed: 1,
+            tick_rate: 30,
+            capacity: 64,
+            up: Link::clean(),
+            down: Link::clean(),
+            hello_timeout: Duration::from_secs(5),
+            empty_room_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+enum Dest {
+    Server,
+    Client(usize),
+}
+
+struct InFlight {
+    at: Instant,
+    seq: u64,
+    dest: Dest,
+    from: SocketAddr,
+    data: Vec<u8>,
+}
+
+/// One simulated client.
+pub struct SimClient {
+    pub client: Client,
+    pub addr: SocketAddr,
+    /// Every event the client produced, in order.
+    pub events: Vec<ClientEvent>,
+}
+
+pub struct Net {
+    pub config: NetConfig,
+    pub base: Instant,
+    now: Rc<Cell<Instant>>,
+    pub shards: Vec<ShardCore>,
+    pub clients: Vec<SimClient>,
+    pub server_addr: SocketAddr,
+    client_config: ClientConfig,
+    queue: BinaryHeap<Reverse<(Instant, u64)>>,
+    flights: std::collections::HashMap<u64, InFlight>,
+    next_seq: u64,
+    rng: ChaCha8Rng,
+    mesh: VecDeque<(ShardId, ShardMsg)>,
+    buf: Vec<u8>,
+    /// Datagrams delivered to the server.
+    pub delivered_up: u64,
+    /// Datagrams dropped by the link conditioner.
+    pub dropped: u64,
+}
+
+thread_local! {
+    static IDENTITY: (Vec<u8>, Vec<u8>) = {
+        let id = Identity::generate().expect("dev certificate");
+        (id.chain[0].to_vec(), id.key.secret_der().to_vec())
+    };
+}
+
+impl Net {
+    pub fn new(config: NetConfig) -> Self {
+        let base = Instant::now();
+        let now = Rc::new(Cell::new(base));
+        let (cert, key) = IDENTITY.with(|i| i.clone());
+        let identity = Identity {
+            chain: vec![cert.clone().into()],
+            key: rustls::pki_types::PrivateKeyDer::Pkcs8(key.into()),
+            cert_path: None,
+        };
+        let server_config = tls::server_config(
+            &identity,
+            TransportSettings {
+                idle_timeout: Duration::from_secs(10),
+            },
+        )
+        .unwrap();
+        let shards = (0..config.shards)
+            .map(|i| {
+                let clock = now.clone();
+                ShardCore::new(
+                    ShardConfig {
+                        shard: ShardId(i),
+                        shards: config.shards,
+                        modes: builtin_modes(config.capacity, config.tick_rate),
+                        server_config: server_config.clone(),
+                        max_connections: 10_000,
+                        hello_timeout: config.hello_timeout,
+                        empty_room_grace: config.empty_room_grace,
+                        max_datagram: 1100,
+                        seed: Some(config.seed),
+                    },
+                    Box::new(move || clock.get()),
+                )
+            })
+            .collect();
+        let client_config = ClientConfig::new(Trust::Roots(vec![cert.into()]), "localhost");
+        Net {
+            rng: ChaCha8Rng::seed_from_u64(config.seed ^ 0xabcdef),
+            config,
+            base,
+            now,
+            shards,
+            clients: Vec::new(),
+            server_addr: "127.0.0.1:4433".parse().unwrap(),
+            client_config,
+            queue: BinaryHeap::new(),
+            flights: Default::default(),
+            next_seq: 0,
+            mesh: VecDeque::new(),
+            buf: Vec::new(),
+            delivered_up: 0,
+            dropped: 0,
+        }
+    }
+
+    pub fn now(&self) -> Instant {
+        self.now.get()
+    }
+
+    /// Adds a client (it starts connecting at once). Returns its index.
+    pub fn add_client(&mut self) -> usize {
+        let i = self.clients.len();
+        let addr: SocketAddr = format!("127.0.1.{}:{}", 1 + i / 60000, 1000 + i % 60000)
+            .parse()
+            .unwrap();
+        let mut seed = [0u8; 32];
+        seed[..8].copy_from_slice(&self.config.seed.to_le_bytes());
+        seed[8..16].copy_from_slice(&(i as u64).to_le_bytes());
+        let client = Client::connect(
+            self.now(),
+            &self.client_config,
+            self.server_addr,
+            Some(seed),
+        )
+        .unwrap();
+        self.clients.push(SimClient {
+            client,
+            addr,
+            events: Vec::new(),
+        });
+        i
+    }
+
+    /// The shard the kernel program would pick for this datagram.
+    fn steer(&self, data: &[u8]) -> usize {
+        let b = if data.first().is_some_and(|b| b & 0x80 != 0) {
+            data.get(6)
+        } else {
+            data.get(1)
+        };
+        b.copied().unwrap_or(0) as usize % self.shards.len()
+    }
+
+    fn send(&mut self, dest: Dest, from: SocketAddr, data: &[u8], link: Link) {
+        if self.rng.gen_bool(link.loss) {
+            self.dropped += 1;
+            return;
+        }
+        let copies = if self.rng.gen_bool(link.duplicate) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let mut delay = link.latency;
+            if !link.jitter.is_zero() {
+                delay += link.jitter.mul_f64(self.rng.gen::<f64>());
+            }
+            if self.rng.gen_bool(link.reorder) {
+                delay += link.latency.mul_f64(self.rng.gen_range(0.0..3.0));
+            }
+            let at = self.now() + delay;
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            let d = match dest {
+                Dest::Server => Dest::Server,
+                Dest::Client(i) => Dest::Client(i),
+            };
+            self.flights.insert(
+                seq,
+                InFlight {
+                    at,
+                    seq,
+                    dest: d,
+                    from,
+                    data: data.to_vec(),
+                },
+            );
+            self.queue.push(Reverse((at, seq)));
+        }
+    }
+
+    /// Collects every output of every peer into the network.
+    fn collect(&mut self) {
+        let now = self.now();
+        for s in 0..self.shards.len() {
+            while let Some(t) = self.shards[s].poll_transmit(now, &mut self.buf) {
+                let data = std::mem::take(&mut self.buf);
+                let dest = self.clients.iter().position(|c| c.addr == t.destination);
+                if let Some(ci) = dest {
+                    for seg in data[..t.size].chunks(t.segment_size.unwrap_or(t.size)) {
+                        let link = self.config.down;
+                        self.send(Dest::Client(ci), self.server_addr, seg, link);
+                    }
+                }
+                self.buf = data;
+            }
+            while let Some(m) = self.shards[s].poll_shard_message() {
+                self.mesh.push_back(m);
+            }
+        }
+        for c in 0..self.clients.len() {
+            while let Some(t) = self.clients[c].client.poll_transmit(now, &mut self.buf) {
+                let data = std::mem::take(&mut self.buf);
+                let from = self.clients[c].addr;
+                for seg in data[..t.size].chunks(t.segment_size.unwrap_or(t.size)) {
+                    let link = self.config.up;
+                    self.send(Dest::Server, from, seg, link);
+                }
+                self.buf = data;
+            }
+            while let Some(ev) = self.clients[c].client.poll_event() {
+                self.clients[c].events.push(ev);
+            }
+        }
+    }
+
+    fn next_event(&mut self) -> Option<Instant> {
+        let now = self.now();
+        let mut t: Option<Instant> = self.queue.peek().map(|r| r.0 .0);
+        let mut take = |x: Option<Instant>| {
+            if let Some(x) = x {
+                t = Some(t.map_or(x, |t| t.min(x)));
+            }
+        };
+        for s in &mut self.shards {
+            take(s.poll_timeout());
+            take(Some(s.next_tick(now, Duration::from_millis(100))));
+        }
+        for c in &mut self.clients {
+            take(c.client.poll_timeout());
+        }
+        t
+    }
+
+    /// Runs the network until virtual time `until`, processing events in time order.
+    pub fn run_until(&mut self, until: Instant) {
+        let mut guard = 0u64;
+        loop {
+            guard += 1;
+            assert!(guard < 10_000_000, "livelock: the network never settles");
+            self.collect();
+            while let Some((to, msg)) = self.mesh.pop_front() {
+                let now = self.now();
+                self.shards[to.0 as usize].handle_shard_message(now, msg);
+                self.collect();
+            }
+            let Some(next) = self.next_event() else {
+                self.now.set(until);
+                return;
+            };
+            if next > until {
+                self.now.set(until);
+                return;
+            }
+            let now = next.max(self.now());
+            self.now.set(now);
+            // Deliver due datagrams.
+            while let Some(&Reverse((at, seq))) = self.queue.peek() {
+                if at > now {
+                    break;
+                }
+                self.queue.pop();
+                let f = self.flights.remove(&seq).unwrap();
+                match f.dest {
+                    Dest::Server => {
+                        self.delivered_up += 1;
+                        let s = self.steer(&f.data);
+                        self.shards[s].handle_datagram(
+                            now,
+                            f.from,
+                            None,
+                            BytesMut::from(&f.data[..]),
+                        );
+                    }
+                    Dest::Client(i) => self.clients[i].client.handle_datagram(
+                        now,
+                        f.from,
+                        BytesMut::from(&f.data[..]),
+                    ),
+                }
+            }
+            for s in &mut self.shards {
+                if s.poll_timeout().is_some_and(|t| t <= now) {
+                    s.handle_timeout(now);
+                }
+                if s.next_tick(now, Duration::from_millis(100)) <= now {
+                    s.handle_tick(now);
+                }
+            }
+            for c in &mut self.clients {
+                c.client.handle_timeout(now);
+            }
+        }
+    }
+
+    /// Runs for `d` of virtual time.
+    pub fn run_for(&mut self, d: Duration) {
+        let until = self.now() + d;
+        self.run_until(until);
+    }
+
+    /// Runs until every client is welcomed (or panics after `limit`).
+    pub fn connect_all(&mut self, limit: Duration) {
+        let deadline = self.now() + limit;
+        while self.clients.iter().any(|c| c.client.player_id() == 0) {
+            assert!(
+                self.now() < deadline,
+                "clients not welcomed within {limit:?}: {:?}",
+                self.clients
+                    .iter()
+                    .map(|c| c.client.state().clone())
+                    .collect::<Vec<_>>()
+            );
+            self.run_for(Duration::from_millis(10));
+        }
+    }
+
+    /// Plays `ticks` client ticks at the tick rate; `input(net, client index, tick)` gives each
+    /// seated client's command (move_x, move_y, buttons, aim) or None to send nothing.
+    pub fn play(
+        &mut self,
+        ticks: u32,
+        mut input: impl FnMut(usize, u32) -> Option<(i8, i8, u8, u16)>,
+    ) {
+        let period = Duration::from_secs(1) / self.config.tick_rate as u32;
+        for t in 0..ticks {
+            let now = self.now();
+            for i in 0..self.clients.len() {
+                if self.clients[i].client.entity_id().is_some() {
+                    if let Some((x, y, b, a)) = input(i, t) {
+                        self.clients[i].client.send_input(now, x, y, b, a);
+                    }
+                }
+            }
+            self.run_for(period);
+        }
+    }
+
+    /// The events a client has seen.
+    pub fn events(&self, i: usize) -> &[ClientEvent] {
+        &self.clients[i].events
+    }
+}
