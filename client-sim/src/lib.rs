@@ -72,6 +72,9 @@ pub struct ClientConfig {
     pub client_name: String,
     /// Token sent in hello.
     pub token: String,
+    /// Send hello as soon as the connection opens (tests of the server's error paths turn
+    /// this off and send their own frames).
+    pub auto_hello: bool,
 }
 
 impl ClientConfig {
@@ -92,6 +95,7 @@ impl ClientConfig {
             server_name: server_name.to_owned(),
             client_name: "client-sim".into(),
             token: String::new(),
+            auto_hello: true,
         }
     }
 }
@@ -301,8 +305,10 @@ impl Client {
         };
         // Queue hello now; the control stream opens once the handshake tells us the server's
         // stream limit, and the queued frames go out then.
-        let hello = c.hello.clone();
-        c.send_control(&hello);
+        if config.auto_hello {
+            let hello = c.hello.clone();
+            c.send_control(&hello);
+        }
         Ok(c)
     }
 
@@ -434,6 +440,11 @@ impl Client {
             self.stats.inputs_sent += 1;
         }
         seq
+    }
+
+    /// Sends one control message as is, whatever the session state (testing the server).
+    pub fn send_control_msg(&mut self, msg: &ControlMsg) {
+        self.send_control(msg);
     }
 
     /// Sends raw bytes on the control stream (testing the server's error paths).

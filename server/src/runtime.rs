@@ -253,7 +253,7 @@ async fn run_shard(
     loop {
         // (1) ticks and housekeeping
         let now = Instant::now();
-        if core.next_tick(now, Duration::from_millis(100)) <= now {
+        if core.next_tick(now) <= now {
             core.handle_tick(now);
         }
         if STOP.load(Ordering::Relaxed) {
@@ -304,7 +304,7 @@ async fn run_shard(
             continue;
         }
         let now = Instant::now();
-        let mut wake = (now + RECV_POLL).min(core.next_tick(now, Duration::from_millis(100)));
+        let mut wake = (now + RECV_POLL).min(core.next_tick(now));
         if let Some(t) = core.poll_timeout() {
             wake = wake.min(t);
         }

@@ -63,6 +63,10 @@ pub const MAX_CONTROL_BACKLOG: usize = 256 * 1024;
 /// How often a shard tells the others which of its rooms have free seats, at most.
 pub const DIRECTORY_INTERVAL: Duration = Duration::from_millis(100);
 
+/// How often hello deadlines, empty rooms and the room directory are checked. Hello
+/// deadlines and room grace periods hold to within this.
+pub const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(50);
+
 /// Configuration of one shard.
 #[derive(Clone)]
 pub struct ShardConfig {
@@ -173,6 +177,7 @@ pub struct ShardCore {
     counters: Counters,
     ticks: TickStats,
     results: Vec<String>,
+    housekeeping_due: Option<Instant>,
 }
 
 impl ShardCore {
@@ -221,6 +226,7 @@ impl ShardCore {
             counters: Counters::default(),
             ticks: TickStats::default(),
             results: Vec::new(),
+            housekeeping_due: None,
             config,
         }
     }
@@ -424,9 +430,12 @@ impl ShardCore {
             self.scratch = outputs;
             i += 1;
         }
-        self.expire_hellos(now);
-        self.close_empty_rooms(now);
-        self.publish_directory(now);
+        if self.housekeeping_due.is_none_or(|t| t <= now) {
+            self.housekeeping_due = Some(now + HOUSEKEEPING_INTERVAL);
+            self.expire_hellos(now);
+            self.close_empty_rooms(now);
+            self.publish_directory(now);
+        }
     }
 
     /// Processes one message from another shard.
@@ -542,15 +551,16 @@ impl ShardCore {
         self.timers.peek().map(|r| r.0 .0)
     }
 
-    /// When [`ShardCore::handle_tick`] must next be called: the earliest room deadline, or
-    /// housekeeping (hello deadlines, empty rooms, the directory) after `idle` when no room
-    /// runs. Housekeeping runs with every tick, so hello deadlines hold to within one tick.
-    pub fn next_tick(&self, now: Instant, idle: Duration) -> Instant {
+    /// When [`ShardCore::handle_tick`] must next be called: the earliest room deadline or the
+    /// next housekeeping pass (hello deadlines, empty rooms, the directory), which runs every
+    /// [`HOUSEKEEPING_INTERVAL`].
+    pub fn next_tick(&self, now: Instant) -> Instant {
+        let housekeeping = self.housekeeping_due.unwrap_or(now);
         self.rooms
             .iter()
             .map(Room::next_due)
             .min()
-            .unwrap_or(now + idle)
+            .map_or(housekeeping, |r| r.min(housekeeping))
     }
 
     /// Closes every connection with `code` and `reason` (shutdown).

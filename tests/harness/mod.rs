@@ -182,6 +182,35 @@ impl Net {
         self.now.get()
     }
 
+    /// Adds a client built from `f(config)` (it starts connecting at once).
+    pub fn add_client_with(&mut self, f: impl FnOnce(&mut ClientConfig)) -> usize {
+        let mut config = self.client_config.clone();
+        f(&mut config);
+        let saved = std::mem::replace(&mut self.client_config, config);
+        let i = self.add_client();
+        self.client_config = saved;
+        i
+    }
+
+    /// Delivers raw bytes to the server as if sent from `from` (garbage, attacks).
+    pub fn inject(&mut self, from: SocketAddr, data: &[u8]) {
+        let link = Link::clean();
+        self.send(Dest::Server, from, data, link);
+    }
+
+    /// Snapshots client `i` has applied so far.
+    pub fn snapshots(&self, i: usize) -> u64 {
+        self.clients[i].client.stats().snapshots
+    }
+
+    /// The close reason of client `i`, if its connection ended.
+    pub fn closed(&self, i: usize) -> Option<&client_sim::CloseReason> {
+        self.clients[i].events.iter().find_map(|e| match e {
+            ClientEvent::Closed(r) => Some(r),
+            _ => None,
+        })
+    }
+
     /// Adds a client (it starts connecting at once). Returns its index.
     pub fn add_client(&mut self) -> usize {
         let i = self.clients.len();
@@ -300,7 +329,7 @@ impl Net {
         };
         for s in &mut self.shards {
             take(s.poll_timeout());
-            take(Some(s.next_tick(now, Duration::from_millis(100))));
+            take(Some(s.next_tick(now)));
         }
         for c in &mut self.clients {
             take(c.client.poll_timeout());
@@ -359,7 +388,7 @@ impl Net {
                 if s.poll_timeout().is_some_and(|t| t <= now) {
                     s.handle_timeout(now);
                 }
-                if s.next_tick(now, Duration::from_millis(100)) <= now {
+                if s.next_tick(now) <= now {
                     s.handle_tick(now);
                 }
             }
