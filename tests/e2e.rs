@@ -1,9 +1,13 @@
-//! End-to-end tests over real loopback sockets: the `tickshard` binary with 2 shards and
-//! clients on stock `quinn` (tokio).
+//! End-to-end tests over real loopback sockets: the `tickshard` binary with 2 shards and game
+//! clients on stock `quinn` (tokio), speaking only what PROTOCOL.md describes.
 
 mod common;
 
-use common::{QuinnClient, Server};
+use common::{toward, QuinnClient, Server};
+use std::time::Duration;
+use tickshard_schema::ControlMsg;
+
+const RATE: f64 = 30.0;
 
 #[tokio::test(flavor = "current_thread")]
 async fn connect_hello_join() {
@@ -14,4 +18,166 @@ async fn connect_hello_join() {
     let (room, _, entity) = c.join(0).await;
     assert_ne!(room, 0);
     assert_ne!(entity, 0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn play_two_seconds_at_the_tick_rate_and_move_as_commanded() {
+    let server = Server::start("play", &["--shards", "2"]);
+    let mut c = QuinnClient::connect(&server).await;
+    c.hello().await;
+    let (_room, _, entity) = c.join(0).await;
+    let mut seq = 0;
+    // Learn where we stand, then walk toward the far side along x for 2 s.
+    let first = c
+        .play(Duration::from_millis(200), entity, |_| (0, 0), &mut seq)
+        .await;
+    let (x0, y0) = first
+        .iter()
+        .rev()
+        .find_map(|s| s.entities.iter().find(|e| e.0 == entity))
+        .map(|e| (e.1, e.2))
+        .expect("own entity in view");
+    let dir: i8 = if x0 < 512.0 { 127 } else { -127 };
+    let seen = c
+        .play(Duration::from_secs(2), entity, |_| (dir, 0), &mut seq)
+        .await;
+    // Snapshots at the tick rate, within 10%.
+    let expected = 2.0 * RATE;
+    let got = seen.len() as f64;
+    assert!(
+        (got - expected).abs() <= expected * 0.1,
+        "{got} snapshots in 2 s, expected {expected}"
+    );
+    let ticks: Vec<u32> = seen.iter().map(|s| s.tick).collect();
+    assert!(ticks.windows(2).all(|w| w[1] > w[0]), "ticks increase");
+    // The entity moved along x as commanded: 160 units/s, limited by the world's edge.
+    let (x1, y1) = seen
+        .iter()
+        .rev()
+        .find_map(|s| s.entities.iter().find(|e| e.0 == entity))
+        .map(|e| (e.1, e.2))
+        .unwrap();
+    let room_to_edge = if dir > 0 { 1024.0 - x0 } else { x0 };
+    let want = (160.0 * 2.0f32).min(room_to_edge);
+    let moved = (x1 - x0) * dir.signum() as f32;
+    assert!(
+        moved >= want * 0.8 && moved <= 160.0 * 2.0 * 1.1,
+        "moved {moved}, wanted about {want}"
+    );
+    assert!((y1 - y0).abs() < 1.0, "no drift in y");
+    // The server confirms applying our inputs.
+    assert!(seen.last().unwrap().last_input >= seq - 10);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_second_client_in_the_room_sees_the_first() {
+    let server = Server::start("two", &["--shards", "2"]);
+    let mut a = QuinnClient::connect(&server).await;
+    a.hello().await;
+    let (room, _, ea) = a.join(0).await;
+    let mut b = QuinnClient::connect(&server).await;
+    b.hello().await;
+    let (room_b, _, eb) = b.join(room).await;
+    assert_eq!(room, room_b);
+    // Both walk to the middle of the arena, so they end up in each other's view.
+    let centre = (512.0, 512.0);
+    let (mut sa, mut sb) = (0, 0);
+    let (_, seen_b) = tokio::join!(
+        a.play(
+            Duration::from_secs(5),
+            ea,
+            |p| p.map_or((0, 0), |p| toward(p, centre)),
+            &mut sa
+        ),
+        b.play(
+            Duration::from_secs(5),
+            eb,
+            |p| p.map_or((0, 0), |p| toward(p, centre)),
+            &mut sb
+        ),
+    );
+    let last = seen_b.last().unwrap();
+    assert!(
+        last.entities.iter().any(|e| e.0 == ea),
+        "b sees a's entity {ea}: {:?}",
+        last.entities
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_client_on_one_shard_plays_in_a_room_on_the_other() {
+    let server = Server::start("cross", &["--shards", "2"]);
+    let mut host = QuinnClient::connect(&server).await;
+    let (_, host_shard) = host.hello().await;
+    let (room, room_shard, _) = host.join(0).await;
+    assert_eq!(host_shard, room_shard);
+    // New connections land on either shard (random connection IDs); take one on the other.
+    let mut guest = None;
+    for _ in 0..40 {
+        let mut c = QuinnClient::connect(&server).await;
+        let (_, shard) = c.hello().await;
+        if shard != room_shard {
+            guest = Some(c);
+            break;
+        }
+    }
+    let mut guest = guest.expect("some connection lands on the other shard");
+    let (joined, shard, entity) = guest.join(room).await;
+    assert_eq!((joined, shard), (room, room_shard));
+    let mut seq = 0;
+    let seen = guest
+        .play(Duration::from_secs(2), entity, |_| (0, 90), &mut seq)
+        .await;
+    assert!(
+        seen.len() as f64 >= 2.0 * RATE * 0.9,
+        "{} snapshots through the other shard",
+        seen.len()
+    );
+    let ys: Vec<f32> = seen
+        .iter()
+        .filter_map(|s| s.entities.iter().find(|e| e.0 == entity).map(|e| e.2))
+        .collect();
+    assert!(
+        ys.last().unwrap() - ys[0] > 100.0 || *ys.last().unwrap() > 1000.0,
+        "guest moved: {:?}",
+        (ys[0], ys.last())
+    );
+    // Leaving is confirmed.
+    guest.send(&ControlMsg::Leave).await;
+    let left = guest
+        .recv_until(Duration::from_secs(2), |m| {
+            matches!(m, ControlMsg::Left { .. })
+        })
+        .await;
+    assert!(matches!(left, ControlMsg::Left { room_id, .. } if room_id == room));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn bad_frames_close_only_that_connection() {
+    let server = Server::start("bad", &["--shards", "2"]);
+    let mut good = QuinnClient::connect(&server).await;
+    good.hello().await;
+    let (_, _, eg) = good.join(0).await;
+    let mut bad = QuinnClient::connect(&server).await;
+    bad.send
+        .write_all(&(1u32 << 24).to_le_bytes())
+        .await
+        .unwrap();
+    let err = bad.conn.closed().await;
+    match err {
+        quinn::ConnectionError::ApplicationClosed(c) => assert_eq!(
+            c.error_code.into_inner(),
+            tickshard_schema::codes::FRAME_TOO_LARGE as u64
+        ),
+        other => panic!("expected an application close, got {other}"),
+    }
+    let mut seq = 0;
+    let seen = good
+        .play(Duration::from_secs(1), eg, |_| (0, 0), &mut seq)
+        .await;
+    assert!(
+        seen.len() >= 27,
+        "the good client kept playing: {}",
+        seen.len()
+    );
 }

@@ -214,3 +214,75 @@ impl QuinnClient {
         }
     }
 }
+
+/// One input datagram with a single command (no redundancy, no acknowledgement: the server
+/// then sends full snapshots, which keeps this test client simple).
+pub fn input_datagram(seq: u32, move_x: i8, move_y: i8) -> bytes::Bytes {
+    let mut d = tickshard_schema::InputDatagram {
+        seq,
+        client_tick: seq,
+        ack_snapshot: 0,
+        len: 1,
+        ..Default::default()
+    };
+    d.cmds[0] = tickshard_schema::InputCmd::new(seq, move_x, move_y, 0, 0, 0);
+    let mut fbb = flatbuffers::FlatBufferBuilder::new();
+    bytes::Bytes::copy_from_slice(d.encode(&mut fbb))
+}
+
+/// What a test client saw in one full snapshot.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub tick: u32,
+    pub last_input: u32,
+    /// (entity id, x, y) in world units.
+    pub entities: Vec<(u32, f32, f32)>,
+}
+
+impl QuinnClient {
+    /// Plays for `dur`: sends one input per 1/30 s from `steer(own position)` and collects
+    /// every snapshot. `entity` is the client's own entity.
+    pub async fn play(
+        &mut self,
+        dur: Duration,
+        entity: u32,
+        mut steer: impl FnMut(Option<(f32, f32)>) -> (i8, i8),
+        seq: &mut u32,
+    ) -> Vec<Seen> {
+        let mut seen = Vec::new();
+        let start = tokio::time::Instant::now();
+        let mut next = start;
+        let mut own: Option<(f32, f32)> = None;
+        while start.elapsed() < dur {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {
+                    next += Duration::from_secs(1) / 30;
+                    *seq += 1;
+                    let (x, y) = steer(own);
+                    self.conn.send_datagram(input_datagram(*seq, x, y)).unwrap();
+                }
+                d = self.conn.read_datagram() => {
+                    let d = d.expect("connection stays up");
+                    let s = tickshard_schema::decode_snapshot(&d).expect("snapshots verify");
+                    assert_eq!(s.baseline(), 0, "without acknowledgements every snapshot is full");
+                    let entities: Vec<(u32, f32, f32)> = s.entities().unwrap().iter().map(|e| (e.id(), e.x() as f32 / 16.0, e.y() as f32 / 16.0)).collect();
+                    if let Some(&(_, x, y)) = entities.iter().find(|e| e.0 == entity) {
+                        own = Some((x, y));
+                    }
+                    seen.push(Seen { tick: s.tick(), last_input: s.last_input(), entities });
+                }
+            }
+        }
+        seen
+    }
+}
+
+/// Direction (as an input) from `from` toward `to`, or still when within a step.
+pub fn toward(from: (f32, f32), to: (f32, f32)) -> (i8, i8) {
+    let (dx, dy) = (to.0 - from.0, to.1 - from.1);
+    let len = (dx * dx + dy * dy).sqrt();
+    if len < 6.0 {
+        return (0, 0);
+    }
+    ((dx / len * 127.0) as i8, (dy / len * 127.0) as i8)
+}
