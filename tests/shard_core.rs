@@ -250,7 +250,7 @@ fn garbage_datagrams_are_ignored() {
 #[test]
 fn unverifiable_control_frame_closes_that_connection() {
     let (net, bad) = with_bystander(
-        |net| raw_client(net),
+        raw_client,
         |net, bad| {
             let mut frame = Vec::new();
             tickshard_schema::write_frame(
@@ -279,7 +279,7 @@ fn oversized_frame_closes_that_connection() {
 #[test]
 fn frame_before_hello_is_a_protocol_violation() {
     let (net, bad) = with_bystander(
-        |net| raw_client(net),
+        raw_client,
         |net, bad| {
             net.clients[bad].client.send_control_msg(&ControlMsg::Join {
                 room_id: 0,
@@ -296,7 +296,7 @@ fn frame_before_hello_is_a_protocol_violation() {
 #[test]
 fn unsupported_version_is_refused() {
     let (net, bad) = with_bystander(
-        |net| raw_client(net),
+        raw_client,
         |net, bad| {
             let m = ControlMsg::Hello {
                 protocol_version: 99,

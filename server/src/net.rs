@@ -62,7 +62,7 @@ fn reuseport_socket(addr: SocketAddr) -> io::Result<socket2::Socket> {
 
 /// The steering program for `shards` sockets.
 pub fn steering_program(shards: u32) -> Vec<libc::sock_filter> {
-    const LD_B_ABS: u16 = 0x00 | 0x10 | 0x20; // BPF_LD | BPF_B | BPF_ABS
+    const LD_B_ABS: u16 = 0x10 | 0x20; // BPF_LD (0) | BPF_B | BPF_ABS
     const JSET_K: u16 = 0x05 | 0x40; // BPF_JMP | BPF_JSET | BPF_K
     const JA: u16 = 0x05; // BPF_JMP | BPF_JA
     const MOD_K: u16 = 0x04 | 0x90; // BPF_ALU | BPF_MOD | BPF_K

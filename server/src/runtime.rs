@@ -351,11 +351,7 @@ fn set_udp_gro(socket: &UdpSocket, on: bool) {
 pub fn log_stats(core: &ShardCore) {
     let c = core.counters();
     let t = core.tick_stats();
-    let per_snap = if c.snapshots > 0 {
-        c.snapshot_bytes / c.snapshots
-    } else {
-        0
-    };
+    let per_snap = c.snapshot_bytes.checked_div(c.snapshots).unwrap_or(0);
     info!(
         shard = core.id().0,
         rooms = core.rooms().len(),

@@ -683,19 +683,19 @@ impl ShardCore {
         let Some(c) = self.conns[ch].as_mut() else {
             return;
         };
+        let mut extra = false;
         while let Some(id) = c.conn.streams().accept(dir) {
             if dir == Dir::Uni || c.session.control.is_some() {
-                self.close(
-                    ch,
-                    now,
-                    codes::PROTOCOL_VIOLATION,
-                    "only one control stream is allowed",
-                );
-                return;
+                extra = true;
+                break;
             }
             c.session.control = Some(id);
+        }
+        if extra {
+            return self.close(ch, now, codes::PROTOCOL_VIOLATION, "only one control stream is allowed");
+        }
+        if let Some(id) = c.session.control {
             self.on_readable(ch, id, now);
-            return;
         }
     }
 

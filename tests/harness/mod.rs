@@ -74,6 +74,7 @@ impl Default for NetConfig {
     }
 }
 
+#[derive(Clone, Copy)]
 enum Dest {
     Server,
     Client(usize),
@@ -266,16 +267,12 @@ impl Net {
             let at = self.now() + delay;
             let seq = self.next_seq;
             self.next_seq += 1;
-            let d = match dest {
-                Dest::Server => Dest::Server,
-                Dest::Client(i) => Dest::Client(i),
-            };
             self.flights.insert(
                 seq,
                 InFlight {
                     at,
                     seq,
-                    dest: d,
+                    dest,
                     from,
                     data: data.to_vec(),
                 },
