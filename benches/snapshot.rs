@@ -34,7 +34,15 @@ fn snapshot_build(c: &mut Criterion) {
                     state: EntityState::new(i, (i * 16 + tick) as u16, 100, 0, 0, 100, 0, 0, 0),
                     priority: i,
                 }));
-                let (bytes, _) = h.build(tick, tick.saturating_sub(2), tick, 1, &mut view, 1100, &mut w);
+                let (bytes, _) = h.build(
+                    tick,
+                    tick.saturating_sub(2),
+                    tick,
+                    1,
+                    &mut view,
+                    1100,
+                    &mut w,
+                );
                 black_box(bytes.len());
             });
         });
@@ -46,47 +54,67 @@ fn room_tick(c: &mut Criterion) {
     let mut g = c.benchmark_group("room_tick");
     for players in [16u16, 50, 64] {
         g.throughput(Throughput::Elements(players as u64));
-        g.bench_with_input(BenchmarkId::from_parameter(players), &players, |b, &players| {
-            let mode = Rc::new(tickshard::builtin_modes(64, 30).remove(0));
-            let start = Instant::now();
-            let mut room = Room::new(RoomId::new(ShardId(0), 1), mode, 7, 1100, start);
-            for p in 0..players as u64 {
-                room.join(PlayerId(p + 1), Route::Local(p as usize)).unwrap();
-            }
-            let mut stats = TickStats::default();
-            let mut counters = Counters::default();
-            let mut now = start;
-            let mut seq = 0u32;
-            let clock = || start;
-            b.iter(|| {
-                seq += 1;
+        g.bench_with_input(
+            BenchmarkId::from_parameter(players),
+            &players,
+            |b, &players| {
+                let mode = Rc::new(tickshard::builtin_modes(64, 30).remove(0));
+                let start = Instant::now();
+                let mut room = Room::new(RoomId::new(ShardId(0), 1), mode, 7, 1100, start);
                 for p in 0..players as u64 {
-                    let mut d = InputDatagram { seq, client_tick: seq, ack_snapshot: seq.saturating_sub(3), len: 1, ..Default::default() };
-                    d.cmds[0] = InputCmd::new(seq, ((p * 37 + seq as u64) % 255) as i8, 60, 0, 0, 0);
-                    room.handle_input(PlayerId(p + 1), &d, &mut counters);
+                    room.join(PlayerId(p + 1), Route::Local(p as usize))
+                        .unwrap();
                 }
-                now += Duration::from_secs(1) / 30;
-                let mut bytes = 0usize;
-                room.tick(now, &clock, &mut stats, &mut counters, &mut |o| {
-                    if let RoomOutput::Snapshot { bytes: b, .. } = o {
-                        bytes += b.len();
+                let mut stats = TickStats::default();
+                let mut counters = Counters::default();
+                let mut now = start;
+                let mut seq = 0u32;
+                let clock = || start;
+                b.iter(|| {
+                    seq += 1;
+                    for p in 0..players as u64 {
+                        let mut d = InputDatagram {
+                            seq,
+                            client_tick: seq,
+                            ack_snapshot: seq.saturating_sub(3),
+                            len: 1,
+                            ..Default::default()
+                        };
+                        d.cmds[0] =
+                            InputCmd::new(seq, ((p * 37 + seq as u64) % 255) as i8, 60, 0, 0, 0);
+                        room.handle_input(PlayerId(p + 1), &d, &mut counters);
                     }
+                    now += Duration::from_secs(1) / 30;
+                    let mut bytes = 0usize;
+                    room.tick(now, &clock, &mut stats, &mut counters, &mut |o| {
+                        if let RoomOutput::Snapshot { bytes: b, .. } = o {
+                            bytes += b.len();
+                        }
+                    });
+                    black_box(bytes);
                 });
-                black_box(bytes);
-            });
-        });
+            },
+        );
     }
     g.finish();
 }
 
 fn input_decode(c: &mut Criterion) {
-    let mut d = InputDatagram { seq: 100, client_tick: 100, ack_snapshot: 97, len: 8, ..Default::default() };
+    let mut d = InputDatagram {
+        seq: 100,
+        client_tick: 100,
+        ack_snapshot: 97,
+        len: 8,
+        ..Default::default()
+    };
     for i in 0..8 {
         d.cmds[i] = InputCmd::new(100 - i as u32, 3, 4, 1, 0, 77);
     }
     let mut fbb = flatbuffers::FlatBufferBuilder::new();
     let bytes = d.encode(&mut fbb).to_vec();
-    c.bench_function("input/decode", |b| b.iter(|| black_box(InputDatagram::decode(black_box(&bytes)).unwrap())));
+    c.bench_function("input/decode", |b| {
+        b.iter(|| black_box(InputDatagram::decode(black_box(&bytes)).unwrap()))
+    });
 }
 
 #[allow(missing_docs)]

@@ -249,17 +249,14 @@ fn garbage_datagrams_are_ignored() {
 
 #[test]
 fn unverifiable_control_frame_closes_that_connection() {
-    let (net, bad) = with_bystander(
-        raw_client,
-        |net, bad| {
-            let mut frame = Vec::new();
-            tickshard_schema::write_frame(
-                &[0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4, 5, 6, 7, 8],
-                &mut frame,
-            );
-            net.clients[bad].client.send_raw_control(&frame);
-        },
-    );
+    let (net, bad) = with_bystander(raw_client, |net, bad| {
+        let mut frame = Vec::new();
+        tickshard_schema::write_frame(
+            &[0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4, 5, 6, 7, 8],
+            &mut frame,
+        );
+        net.clients[bad].client.send_raw_control(&frame);
+    });
     assert_eq!(server_code(&net, bad), Some(codes::MALFORMED_FRAME as u64));
 }
 
@@ -278,15 +275,12 @@ fn oversized_frame_closes_that_connection() {
 
 #[test]
 fn frame_before_hello_is_a_protocol_violation() {
-    let (net, bad) = with_bystander(
-        raw_client,
-        |net, bad| {
-            net.clients[bad].client.send_control_msg(&ControlMsg::Join {
-                room_id: 0,
-                mode: "arena".into(),
-            })
-        },
-    );
+    let (net, bad) = with_bystander(raw_client, |net, bad| {
+        net.clients[bad].client.send_control_msg(&ControlMsg::Join {
+            room_id: 0,
+            mode: "arena".into(),
+        })
+    });
     assert_eq!(
         server_code(&net, bad),
         Some(codes::PROTOCOL_VIOLATION as u64)
@@ -295,17 +289,14 @@ fn frame_before_hello_is_a_protocol_violation() {
 
 #[test]
 fn unsupported_version_is_refused() {
-    let (net, bad) = with_bystander(
-        raw_client,
-        |net, bad| {
-            let m = ControlMsg::Hello {
-                protocol_version: 99,
-                token: String::new(),
-                client_name: String::new(),
-            };
-            net.clients[bad].client.send_control_msg(&m);
-        },
-    );
+    let (net, bad) = with_bystander(raw_client, |net, bad| {
+        let m = ControlMsg::Hello {
+            protocol_version: 99,
+            token: String::new(),
+            client_name: String::new(),
+        };
+        net.clients[bad].client.send_control_msg(&m);
+    });
     assert_eq!(
         server_code(&net, bad),
         Some(codes::UNSUPPORTED_VERSION as u64)
@@ -568,4 +559,94 @@ fn cross_shard_join_and_quick_match() {
         }
     }
     assert_eq!(by_room.get(&room), Some(&2));
+}
+
+#[test]
+fn leave_disconnect_and_idle_timeout_free_seats_and_empty_rooms_close() {
+    let mut net = Net::new(NetConfig {
+        empty_room_grace: Duration::from_secs(2),
+        ..Default::default()
+    });
+    let (a, b, c) = (net.add_client(), net.add_client(), net.add_client());
+    net.connect_all(Duration::from_secs(2));
+    join_all(&mut net);
+    let room = RoomId(room_of(&net, a).unwrap());
+    let players = |net: &Net| net.shards[0].room(room).map(|r| r.players());
+    assert_eq!(players(&net), Some(3));
+    // Leave.
+    net.clients[a].client.leave();
+    net.run_for(Duration::from_millis(100));
+    assert_eq!(players(&net), Some(2));
+    assert!(net
+        .events(a)
+        .iter()
+        .any(|e| matches!(e, ClientEvent::Left { .. })));
+    // Disconnect.
+    let now = net.now();
+    net.clients[b].client.close(now);
+    net.run_for(Duration::from_millis(100));
+    assert_eq!(players(&net), Some(1));
+    // Vanish: the QUIC idle timeout (10 s) frees the seat.
+    net.clients[c].cut = true;
+    net.run_for(Duration::from_secs(9));
+    assert_eq!(players(&net), Some(1), "not before the idle timeout");
+    let mut waited = Duration::ZERO;
+    while players(&net) != Some(0) {
+        assert!(waited < Duration::from_secs(3), "idle seat not freed");
+        net.run_for(Duration::from_millis(50));
+        waited += Duration::from_millis(50);
+    }
+    // The empty room closes after its grace period.
+    net.run_for(Duration::from_millis(1500));
+    assert!(
+        net.shards[0].room(room).is_some(),
+        "not before the grace period"
+    );
+    net.run_for(Duration::from_secs(1));
+    assert!(
+        net.shards[0].room(room).is_none(),
+        "closed after the grace period"
+    );
+    assert_eq!(net.shards[0].counters().rooms_closed, 1);
+}
+
+#[test]
+fn a_connection_stays_on_its_shard_when_the_client_address_changes() {
+    let mut net = Net::new(NetConfig {
+        shards: 2,
+        ..Default::default()
+    });
+    for _ in 0..4 {
+        net.add_client();
+    }
+    net.connect_all(Duration::from_secs(2));
+    join_all(&mut net);
+    let c = 0;
+    let player = PlayerId(net.clients[c].client.player_id());
+    let shard = player.shard().0 as usize;
+    let connections_before = net.shards[shard].connections();
+    // NAT rebinding: new source address and port mid-session.
+    net.clients[c].addr = "127.0.3.3:4444".parse().unwrap();
+    let before = net.snapshots(c);
+    net.play(60, |i, _| (i == c).then_some((20, 20, 0, 0)));
+    assert!(
+        net.snapshots(c) - before >= 55,
+        "snapshots follow the new address"
+    );
+    assert_eq!(
+        net.shards[shard].connections(),
+        connections_before,
+        "same connection, same shard"
+    );
+    assert!(net.closed(c).is_none());
+    let room = RoomId(room_of(&net, c).unwrap());
+    let host = room.shard().0 as usize;
+    assert!(
+        net.shards[host]
+            .room(room)
+            .unwrap()
+            .last_applied(player)
+            .unwrap()
+            >= 55
+    );
 }

@@ -692,7 +692,12 @@ impl ShardCore {
             c.session.control = Some(id);
         }
         if extra {
-            return self.close(ch, now, codes::PROTOCOL_VIOLATION, "only one control stream is allowed");
+            return self.close(
+                ch,
+                now,
+                codes::PROTOCOL_VIOLATION,
+                "only one control stream is allowed",
+            );
         }
         if let Some(id) = c.session.control {
             self.on_readable(ch, id, now);

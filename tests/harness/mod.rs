@@ -94,6 +94,8 @@ pub struct SimClient {
     pub addr: SocketAddr,
     /// Every event the client produced, in order.
     pub events: Vec<ClientEvent>,
+    /// When set, every datagram to or from this client is lost (a vanished player).
+    pub cut: bool,
 }
 
 pub struct Net {
@@ -232,6 +234,7 @@ impl Net {
             client,
             addr,
             events: Vec::new(),
+            cut: false,
         });
         i
     }
@@ -288,7 +291,7 @@ impl Net {
             while let Some(t) = self.shards[s].poll_transmit(now, &mut self.buf) {
                 let data = std::mem::take(&mut self.buf);
                 let dest = self.clients.iter().position(|c| c.addr == t.destination);
-                if let Some(ci) = dest {
+                if let Some(ci) = dest.filter(|&ci| !self.clients[ci].cut) {
                     for seg in data[..t.size].chunks(t.segment_size.unwrap_or(t.size)) {
                         let link = self.config.down;
                         self.send(Dest::Client(ci), self.server_addr, seg, link);
@@ -304,7 +307,11 @@ impl Net {
             while let Some(t) = self.clients[c].client.poll_transmit(now, &mut self.buf) {
                 let data = std::mem::take(&mut self.buf);
                 let from = self.clients[c].addr;
-                for seg in data[..t.size].chunks(t.segment_size.unwrap_or(t.size)) {
+                let cut = self.clients[c].cut;
+                for seg in data[..t.size]
+                    .chunks(t.segment_size.unwrap_or(t.size))
+                    .filter(|_| !cut)
+                {
                     let link = self.config.up;
                     self.send(Dest::Server, from, seg, link);
                 }
