@@ -15,3 +15,5 @@ mkdir -p "$out"
 for f in tickshard; do
   flatc --rust -o "$out" "$here/fbs/$f.fbs"
 done
+# Committed code is rustfmt-formatted like the rest of the workspace (cargo fmt reaches it).
+rustfmt --edition 2021 "$out"/*.rs
