@@ -395,7 +395,7 @@ fn control_flood_closes_that_connection() {
 }
 
 #[test]
-fn second_stream_is_a_protocol_violation_and_second_hello_too() {
+fn second_hello_is_a_protocol_violation() {
     let (net, bad) = with_bystander(
         |net| net.add_client(),
         |net, bad| net.clients[bad].client.send_control_msg(&hello()),
@@ -649,4 +649,40 @@ fn a_connection_stays_on_its_shard_when_the_client_address_changes() {
             .unwrap()
             >= 55
     );
+}
+
+#[test]
+fn a_join_the_other_shard_never_answers_times_out() {
+    let mut net = Net::new(NetConfig {
+        shards: 2,
+        ..Default::default()
+    });
+    for _ in 0..8 {
+        net.add_client();
+    }
+    net.connect_all(Duration::from_secs(2));
+    let on = |net: &Net, shard: u16| {
+        (0..8)
+            .find(|&i| PlayerId(net.clients[i].client.player_id()).shard().0 == shard)
+            .unwrap()
+    };
+    let (host, guest) = (on(&net, 0), on(&net, 1));
+    net.clients[host].client.join(None, "arena");
+    net.run_for(Duration::from_millis(100));
+    let room = room_of(&net, host).unwrap();
+    net.mesh_down = true;
+    net.clients[guest].client.join(Some(room), "arena");
+    net.run_for(Duration::from_millis(2500));
+    assert!(
+        net.events(guest).iter().any(
+            |e| matches!(e, ClientEvent::Error { code, .. } if *code == codes::SHARD_UNAVAILABLE)
+        ),
+        "{:?}",
+        net.events(guest)
+    );
+    // The session is usable again: with the mesh back, the join goes through.
+    net.mesh_down = false;
+    net.clients[guest].client.join(Some(room), "arena");
+    net.run_for(Duration::from_millis(200));
+    assert_eq!(room_of(&net, guest), Some(room));
 }

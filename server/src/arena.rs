@@ -137,6 +137,16 @@ impl Arena {
         cy * GRID + cx
     }
 
+    /// Entities in the cell of (x, y) and the eight around it.
+    fn neighbours(&self, x: f32, y: f32) -> impl Iterator<Item = u32> + '_ {
+        let cx = ((x / CELL) as usize).min(GRID - 1);
+        let cy = ((y / CELL) as usize).min(GRID - 1);
+        let xs = cx.saturating_sub(1)..=(cx + 1).min(GRID - 1);
+        let ys = cy.saturating_sub(1)..=(cy + 1).min(GRID - 1);
+        ys.flat_map(move |y| xs.clone().map(move |x| y * GRID + x))
+            .flat_map(move |c| self.grid[c].iter().copied())
+    }
+
     fn rebuild_grid(&mut self) {
         for c in &mut self.grid {
             c.clear();
@@ -274,38 +284,37 @@ impl Game for Arena {
                 || !(0.0..=WORLD_SIZE).contains(&x)
                 || !(0.0..=WORLD_SIZE).contains(&y);
             if !gone {
-                for &e in &self.grid[Self::cell_of(x, y)] {
+                // A target within the hit radius may sit in a neighbouring cell.
+                let hit = self.neighbours(x, y).find(|&e| {
                     if e & PROJ_BIT != 0 {
-                        continue;
+                        return false;
                     }
-                    let target = e as usize;
-                    let t = &self.players[target];
-                    if t.entity == owner || t.respawn_in > 0 {
-                        continue;
-                    }
-                    if (t.x - x).powi(2) + (t.y - y).powi(2) <= HIT_RADIUS * HIT_RADIUS {
-                        let t = &mut self.players[target];
-                        t.health = t.health.saturating_sub(DAMAGE);
-                        let victim = t.entity;
+                    let t = &self.players[e as usize];
+                    t.entity != owner
+                        && t.respawn_in == 0
+                        && (t.x - x).powi(2) + (t.y - y).powi(2) <= HIT_RADIUS * HIT_RADIUS
+                });
+                if let Some(target) = hit {
+                    let t = &mut self.players[target as usize];
+                    t.health = t.health.saturating_sub(DAMAGE);
+                    let victim = t.entity;
+                    events.push(GameEvent {
+                        kind: EVENT_HIT,
+                        a: owner,
+                        b: victim,
+                    });
+                    if t.health == 0 {
+                        t.respawn_in = respawn;
                         events.push(GameEvent {
-                            kind: EVENT_HIT,
+                            kind: EVENT_KILL,
                             a: owner,
                             b: victim,
                         });
-                        if t.health == 0 {
-                            t.respawn_in = respawn;
-                            events.push(GameEvent {
-                                kind: EVENT_KILL,
-                                a: owner,
-                                b: victim,
-                            });
-                            if let Some(s) = self.players.iter_mut().find(|p| p.entity == owner) {
-                                s.score += 1;
-                            }
+                        if let Some(s) = self.players.iter_mut().find(|p| p.entity == owner) {
+                            s.score += 1;
                         }
-                        gone = true;
-                        break;
                     }
+                    gone = true;
                 }
             }
             if gone {

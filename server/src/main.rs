@@ -48,6 +48,12 @@ struct Args {
     /// Seconds an empty room stays open.
     #[arg(long, env = "TICKSHARD_EMPTY_ROOM_GRACE", default_value_t = 10.0)]
     empty_room_grace: f64,
+    /// Largest snapshot datagram in bytes (256..=1150).
+    #[arg(long, env = "TICKSHARD_MAX_DATAGRAM", default_value_t = 1100)]
+    max_datagram: usize,
+    /// Seed for the shards' randomness (rooms, spawn points); default: from the OS.
+    #[arg(long, env = "TICKSHARD_SEED")]
+    seed: Option<u64>,
     /// Seconds between each shard's figures in the log (0: never).
     #[arg(long, env = "TICKSHARD_STATS_INTERVAL", default_value_t = 10.0)]
     stats_interval: f64,
@@ -83,7 +89,8 @@ fn main() -> anyhow::Result<()> {
         idle_timeout: secs("--idle-timeout", a.idle_timeout)?,
         empty_room_grace: secs("--empty-room-grace", a.empty_room_grace)?,
         stats_interval: secs("--stats-interval", a.stats_interval)?,
-        ..ServeConfig::default()
+        max_datagram: a.max_datagram,
+        seed: a.seed,
     };
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {

@@ -133,14 +133,25 @@ pub fn bind(addr: SocketAddr, shards: usize) -> io::Result<ShardSockets> {
             drop(sockets);
             let mut out = Vec::with_capacity(shards);
             for i in 0..shards {
+                let port = addr.port().checked_add(i as u16).ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "base port + shard count exceeds 65535",
+                    )
+                })?;
                 let mut a = addr;
-                a.set_port(addr.port() + i as u16);
+                a.set_port(port);
                 let s = socket2::Socket::new(
                     socket2::Domain::for_address(a),
                     socket2::Type::DGRAM,
-                    None,
+                    Some(socket2::Protocol::UDP),
                 )?;
                 s.set_nonblocking(true)?;
+                let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+                let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+                if a.is_ipv6() {
+                    s.set_only_v6(false).ok();
+                }
                 s.bind(&a.into())?;
                 out.push(s.into());
             }

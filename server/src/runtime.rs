@@ -1,8 +1,8 @@
 //! The glommio layer: one executor per core, each driving one [`ShardCore`].
 //!
 //! This layer is deliberately thin: sockets, clocks and sleeping live here, every decision
-//! lives in the sans-IO core. Each shard runs one loop, a classic game-server loop, in a
-//! latency-sensitive glommio task queue:
+//! lives in the sans-IO core. Each shard runs one loop, a classic game-server loop, as the
+//! executor's only long-lived task:
 //!
 //! 1. run the room ticks that are due (first, so a burst of packets never delays them by
 //!    more than one bounded receive pass);
@@ -31,9 +31,9 @@ use futures_lite::future;
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use glommio::{LocalExecutorBuilder, Placement};
 use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
+use std::collections::VecDeque;
 use std::io::IoSliceMut;
 use std::net::UdpSocket;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
@@ -166,7 +166,9 @@ struct Io {
     socket: UdpSocket,
     state: UdpSocketState,
     send_buf: Vec<u8>,
-    mesh: Option<Rc<Senders<ShardMsg>>>,
+    mesh: Option<Senders<ShardMsg>>,
+    /// Messages waiting for room in a peer's channel, per peer, in order.
+    mesh_backlog: Vec<VecDeque<ShardMsg>>,
 }
 
 impl Io {
@@ -191,17 +193,42 @@ impl Io {
                 core.counters_mut().udp_send_errors += 1;
             }
         }
+        let Some(mesh) = &self.mesh else {
+            while core.poll_shard_message().is_some() {}
+            return;
+        };
+        // Keep each peer's messages in order: a message never overtakes one still waiting.
+        for (peer, backlog) in self.mesh_backlog.iter_mut().enumerate() {
+            while let Some(msg) = backlog.pop_front() {
+                if let Err(e) = mesh.try_send_to(peer, msg) {
+                    match e {
+                        glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(m)) => {
+                            backlog.push_front(m);
+                            break;
+                        }
+                        e => {
+                            warn!(peer, error = %e, "shard mesh send failed");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
         while let Some((to, msg)) = core.poll_shard_message() {
-            let Some(mesh) = &self.mesh else { continue };
-            if let Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(msg))) =
-                mesh.try_send_to(to.0 as usize, msg)
-            {
-                // The peer's channel is full: wait for room in a task of its own.
-                let mesh = mesh.clone();
-                glommio::spawn_local(async move {
-                    let _ = mesh.send_to(to.0 as usize, msg).await;
-                })
-                .detach();
+            let peer = to.0 as usize;
+            let Some(backlog) = self.mesh_backlog.get_mut(peer) else {
+                continue;
+            };
+            if !backlog.is_empty() {
+                backlog.push_back(msg);
+                continue;
+            }
+            match mesh.try_send_to(peer, msg) {
+                Ok(()) => {}
+                Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(m))) => {
+                    backlog.push_back(m)
+                }
+                Err(e) => warn!(peer, error = %e, "shard mesh send failed"),
             }
         }
     }
@@ -233,11 +260,21 @@ async fn run_shard(
     };
     // quinn-udp turns UDP GRO on; the loop reads one datagram per buffer.
     set_udp_gro(&socket, false);
+    // Messages are addressed by shard number; the mesh numbers its peers by executor. Both
+    // follow spawn order, which this checks rather than assumes.
+    if let Some(s) = &senders {
+        if s.peer_id() != shard.0 as usize {
+            error!(%shard, peer_id = s.peer_id(), "shard mesh numbering differs from shard numbering");
+            return;
+        }
+    }
+    let peers_n = senders.as_ref().map_or(0, |s| s.nr_consumers());
     let mut io = Io {
         socket,
         state,
         send_buf: Vec::with_capacity(64 * 1024),
-        mesh: senders.map(Rc::new),
+        mesh: senders,
+        mesh_backlog: (0..peers_n).map(|_| VecDeque::new()).collect(),
     };
     let mut core = ShardCore::new(config, Box::new(Instant::now));
     let peers: Vec<_> = match receivers {

@@ -67,6 +67,10 @@ pub const DIRECTORY_INTERVAL: Duration = Duration::from_millis(100);
 /// deadlines and room grace periods hold to within this.
 pub const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(50);
 
+/// How long a join may wait for the room's shard to answer before the client gets
+/// `SHARD_UNAVAILABLE`. Shards answer within a loop pass; two seconds means one is stuck.
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Configuration of one shard.
 #[derive(Clone)]
 pub struct ShardConfig {
@@ -100,6 +104,16 @@ enum Phase {
     Closed,
 }
 
+/// Why a read of the control stream stopped.
+enum ReadStop {
+    /// Nothing more to read now.
+    Blocked,
+    /// The client finished the stream.
+    Finished,
+    /// The frame buffer is at its bound; handle frames, then read on.
+    Full,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Seat {
     None,
@@ -107,6 +121,7 @@ enum Seat {
     Joining {
         room: RoomId,
         quick: Option<String>,
+        deadline: Instant,
     },
     In(RoomId),
 }
@@ -705,61 +720,73 @@ impl ShardCore {
     }
 
     fn on_readable(&mut self, ch: usize, id: StreamId, now: Instant) {
-        let Some(c) = self.conns[ch].as_mut() else {
-            return;
-        };
-        if c.session.control != Some(id) || c.session.phase == Phase::Closed {
-            return;
-        }
-        let mut finished = false;
-        let mut recv = c.conn.recv_stream(id);
-        if let Ok(mut chunks) = recv.read(true) {
-            loop {
-                match chunks.next(tickshard_schema::MAX_CONTROL_FRAME) {
-                    Ok(Some(chunk)) => c.session.frames.push(&chunk.bytes),
-                    Ok(None) => {
-                        finished = true;
-                        break;
-                    }
-                    Err(_) => {
-                        // Blocked (nothing more now) or reset by the peer.
-                        break;
-                    }
-                }
-                // Never buffer more than one maximal frame plus one read.
-                if c.session.frames.buffered() > 2 * tickshard_schema::MAX_CONTROL_FRAME + 8 {
-                    break;
-                }
-            }
-            let _ = chunks.finalize();
-        }
+        // Read in bounded slices, handling the frames of each before reading on, so at most
+        // two maximal frames are ever buffered and nothing is left unread in quinn.
         loop {
             let Some(c) = self.conns[ch].as_mut() else {
                 return;
             };
-            if c.session.phase == Phase::Closed {
+            if c.session.control != Some(id) || c.session.phase == Phase::Closed {
                 return;
+            }
+            let mut stop = ReadStop::Blocked;
+            let mut recv = c.conn.recv_stream(id);
+            if let Ok(mut chunks) = recv.read(true) {
+                loop {
+                    match chunks.next(tickshard_schema::MAX_CONTROL_FRAME) {
+                        Ok(Some(chunk)) => c.session.frames.push(&chunk.bytes),
+                        Ok(None) => {
+                            stop = ReadStop::Finished;
+                            break;
+                        }
+                        // Blocked (nothing more now) or reset by the peer.
+                        Err(_) => break,
+                    }
+                    if c.session.frames.buffered() > 2 * tickshard_schema::MAX_CONTROL_FRAME {
+                        stop = ReadStop::Full;
+                        break;
+                    }
+                }
+                let _ = chunks.finalize();
+            }
+            if !self.handle_frames(ch, now) {
+                return;
+            }
+            match stop {
+                ReadStop::Full => continue,
+                ReadStop::Blocked => return,
+                ReadStop::Finished => {
+                    return self.close(ch, now, codes::NO_ERROR, "control stream finished");
+                }
+            }
+        }
+    }
+
+    /// Handles every complete frame buffered for `ch`; false if the connection was closed.
+    fn handle_frames(&mut self, ch: usize, now: Instant) -> bool {
+        loop {
+            let Some(c) = self.conns[ch].as_mut() else {
+                return false;
+            };
+            if c.session.phase == Phase::Closed {
+                return false;
             }
             match c.session.frames.next_frame() {
                 Ok(Some(frame)) => {
                     self.frame.clear();
                     self.frame.extend_from_slice(frame);
                 }
-                Ok(None) => break,
+                Ok(None) => return true,
                 Err(FrameError::TooLarge(n)) => {
                     self.counters.malformed_frames += 1;
-                    self.close(
-                        ch,
-                        now,
-                        codes::FRAME_TOO_LARGE,
-                        &format!("control frame of {n} bytes exceeds the limit"),
-                    );
-                    return;
+                    let reason = format!("control frame of {n} bytes exceeds the limit");
+                    self.close(ch, now, codes::FRAME_TOO_LARGE, &reason);
+                    return false;
                 }
                 Err(FrameError::Empty) => {
                     self.counters.malformed_frames += 1;
                     self.close(ch, now, codes::MALFORMED_FRAME, "empty control frame");
-                    return;
+                    return false;
                 }
             }
             // Rate limit control frames.
@@ -769,7 +796,7 @@ impl ShardCore {
             s.refilled = now;
             if s.tokens < 1.0 {
                 self.close(ch, now, codes::CONTROL_FLOOD, "too many control frames");
-                return;
+                return false;
             }
             s.tokens -= 1.0;
             match ControlMsg::decode(&self.frame) {
@@ -782,12 +809,9 @@ impl ShardCore {
                         codes::MALFORMED_FRAME,
                         &format!("bad control frame: {e}"),
                     );
-                    return;
+                    return false;
                 }
             }
-        }
-        if finished {
-            self.close(ch, now, codes::NO_ERROR, "control stream finished");
         }
     }
 
@@ -884,7 +908,11 @@ impl ShardCore {
                     Err(code) => self.send_error(ch, code, join_error_text(code), now),
                 }
             } else if room.shard().0 < self.config.shards {
-                c.session.seat = Seat::Joining { room, quick: None };
+                c.session.seat = Seat::Joining {
+                    room,
+                    quick: None,
+                    deadline: now + JOIN_TIMEOUT,
+                };
                 self.outbox
                     .push_back((room.shard(), ShardMsg::JoinRequest { player, room }));
             } else {
@@ -928,6 +956,7 @@ impl ShardCore {
             c.session.seat = Seat::Joining {
                 room,
                 quick: Some(mode),
+                deadline: now + JOIN_TIMEOUT,
             };
             self.outbox
                 .push_back((room.shard(), ShardMsg::JoinRequest { player, room }));
@@ -1100,7 +1129,10 @@ impl ShardCore {
         if c.session.phase == Phase::Closed {
             return;
         }
-        if code != codes::NO_ERROR {
+        if !matches!(
+            code,
+            codes::NO_ERROR | codes::SHUTTING_DOWN | codes::DRAINING | codes::KICKED
+        ) {
             self.counters.closed_for_bad_input += 1;
             debug!(shard = self.config.shard.0, player = %c.session.player, code, reason, "closing connection");
         }
@@ -1199,7 +1231,7 @@ impl ShardCore {
 
     fn expire_hellos(&mut self, now: Instant) {
         for ch in 0..self.conns.len() {
-            let Some(c) = self.conns[ch].as_ref() else {
+            let Some(c) = self.conns[ch].as_mut() else {
                 continue;
             };
             if let Phase::AwaitHello { deadline } = c.session.phase {
@@ -1209,6 +1241,17 @@ impl ShardCore {
                         now,
                         codes::HELLO_TIMEOUT,
                         "no hello before the deadline",
+                    );
+                }
+            } else if let Seat::Joining { deadline, .. } = c.session.seat {
+                if deadline <= now {
+                    // A late reply finds the seat no longer joining and hands the seat back.
+                    c.session.seat = Seat::None;
+                    self.send_error(
+                        ch,
+                        codes::SHARD_UNAVAILABLE,
+                        "the room's shard did not answer",
+                        now,
                     );
                 }
             }

@@ -79,18 +79,23 @@ impl Identity {
     pub fn development(data_dir: &Path) -> Result<Self, TlsError> {
         let cert_pem = data_dir.join("dev-cert.pem");
         let key_pem = data_dir.join("dev-key.pem");
+        let der_path = data_dir.join("dev-cert.der");
         if cert_pem.exists() && key_pem.exists() {
-            return Self::load(&cert_pem, &key_pem);
+            let id = Self::load(&cert_pem, &key_pem)?;
+            // Clients are told to trust the DER file: put it back if it went missing.
+            if !der_path.exists() {
+                std::fs::write(&der_path, id.chain[0].as_ref()).map_err(io(&der_path))?;
+            }
+            return Ok(id);
         }
         std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
         let generated = Self::generate()?;
         let cert = &generated.chain[0];
         let cert_text = pem_encode("CERTIFICATE", cert.as_ref());
         let key_text = pem_encode("PRIVATE KEY", generated.key.secret_der());
-        let der_path = data_dir.join("dev-cert.der");
         std::fs::write(&der_path, cert.as_ref()).map_err(io(&der_path))?;
         std::fs::write(&cert_pem, cert_text).map_err(io(&cert_pem))?;
-        std::fs::write(&key_pem, key_text).map_err(io(&key_pem))?;
+        write_private(&key_pem, key_text.as_bytes())?;
         Ok(Identity {
             cert_path: Some(cert_pem),
             ..generated
@@ -126,6 +131,20 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// Writes a file only its owner can read (a private key).
+fn write_private(path: &Path, data: &[u8]) -> Result<(), TlsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))?;
+    f.write_all(data).map_err(io(path))
 }
 
 fn pem_encode(label: &str, der: &[u8]) -> String {
@@ -208,8 +227,19 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let a = Identity::development(&dir).unwrap();
         assert!(dir.join("dev-cert.der").exists());
+        std::fs::remove_file(dir.join("dev-cert.der")).unwrap();
         let b = Identity::development(&dir).unwrap();
         assert_eq!(a.fingerprint(), b.fingerprint());
+        assert!(
+            dir.join("dev-cert.der").exists(),
+            "the DER file is restored"
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("dev-key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "the key is private");
         assert_eq!(a.fingerprint().len(), 64);
         server_config(
             &b,

@@ -116,6 +116,8 @@ pub struct Net {
     pub delivered_up: u64,
     /// Datagrams dropped by the link conditioner.
     pub dropped: u64,
+    /// When set, messages between shards are lost (a stuck shard).
+    pub mesh_down: bool,
 }
 
 thread_local! {
@@ -178,6 +180,7 @@ impl Net {
             buf: Vec::new(),
             delivered_up: 0,
             dropped: 0,
+            mesh_down: false,
         }
     }
 
@@ -348,6 +351,9 @@ impl Net {
             guard += 1;
             assert!(guard < 10_000_000, "livelock: the network never settles");
             self.collect();
+            if self.mesh_down {
+                self.mesh.clear();
+            }
             while let Some((to, msg)) = self.mesh.pop_front() {
                 let now = self.now();
                 self.shards[to.0 as usize].handle_shard_message(now, msg);
