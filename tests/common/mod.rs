@@ -11,17 +11,28 @@ use std::sync::Arc;
 use std::time::Duration;
 use tickshard_schema::{ControlMsg, FrameDecoder};
 
-/// Path of a workspace binary next to this test executable (`cargo test --workspace` builds
-/// every binary before it runs tests).
+/// Path of a workspace binary, built on first use. Cargo builds the binaries of other
+/// workspace packages only for their own tests, so the end-to-end tests build `tickshard`
+/// themselves (once per test process; only the binary is left to link).
 pub fn binary(name: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
     let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} not built: run the tests with `cargo test --workspace`",
-        path.display()
-    );
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.iter().any(|b| b == name) {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--bin", name])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if dir.file_name().is_some_and(|d| d == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "building {name} failed");
+        built.push(name.to_string());
+    }
+    assert!(path.exists(), "{} was not built", path.display());
     path
 }
 
