@@ -56,6 +56,9 @@ struct Args {
     /// TLS server name.
     #[arg(long, default_value = "localhost")]
     server_name: String,
+    /// Seconds over which bots join, evenly spread (0: all at once).
+    #[arg(long, default_value_t = 0.0)]
+    ramp: f64,
     /// Client ticks per second (inputs sent per second).
     #[arg(long, default_value_t = 30)]
     tick_rate: u32,
@@ -75,6 +78,8 @@ fn direction(seed: u64, bot: usize, tick: u64) -> (i8, i8) {
 
 struct Bot {
     io: UdpClient,
+    welcomed: bool,
+    join_sent: bool,
     joined_at: Option<Instant>,
     snapshots_in_room: u64,
     failed: Option<String>,
@@ -106,6 +111,8 @@ fn main() -> anyhow::Result<()> {
         let io = UdpClient::connect(a.server, &config, Some(seed))?;
         bots.push(Bot {
             io,
+            welcomed: false,
+            join_sent: false,
             joined_at: None,
             snapshots_in_room: 0,
             failed: None,
@@ -114,7 +121,7 @@ fn main() -> anyhow::Result<()> {
     let period = Duration::from_secs(1) / a.tick_rate.max(1);
     let start = Instant::now();
     let play = Duration::from_secs_f64(a.duration);
-    let connect_deadline = start + Duration::from_secs(10);
+    let connect_deadline = start + Duration::from_secs(10) + Duration::from_secs_f64(a.ramp);
     let mut next_tick = start;
     let mut tick: u64 = 0;
     loop {
@@ -129,7 +136,7 @@ fn main() -> anyhow::Result<()> {
             }
             while let Some(ev) = b.io.client.poll_event() {
                 match ev {
-                    ClientEvent::Welcome { .. } => b.io.client.join(a.room, &a.mode),
+                    ClientEvent::Welcome { .. } => b.welcomed = true,
                     ClientEvent::Joined { .. } => b.joined_at = Some(now),
                     ClientEvent::Snapshot { .. } if b.joined_at.is_some() => {
                         b.snapshots_in_room += 1
@@ -140,6 +147,11 @@ fn main() -> anyhow::Result<()> {
                     ClientEvent::Closed(r) => b.failed = Some(format!("closed: {r:?}")),
                     _ => {}
                 }
+            }
+            let join_at = start + Duration::from_secs_f64(a.ramp * i as f64 / a.bots.max(1) as f64);
+            if b.welcomed && !b.join_sent && now >= join_at {
+                b.join_sent = true;
+                b.io.client.join(a.room, &a.mode);
             }
             if now >= next_tick && matches!(b.io.client.state(), SessionState::InRoom { .. }) {
                 let (x, y) = match a.behavior {
@@ -166,11 +178,15 @@ fn main() -> anyhow::Result<()> {
         std::thread::sleep(wait);
     }
     // Report.
+    let end = Instant::now();
     let connected = bots.iter().filter(|b| b.joined_at.is_some()).count();
     let mut rates: Vec<f64> = bots
         .iter()
         .filter(|b| b.joined_at.is_some())
-        .map(|b| b.snapshots_in_room as f64 / a.duration)
+        .map(|b| {
+            let t = b.joined_at.map_or(a.duration, |j| (end - j).as_secs_f64());
+            b.snapshots_in_room as f64 / t.max(1e-3)
+        })
         .collect();
     rates.sort_by(|x, y| x.partial_cmp(y).expect("finite"));
     let snaps: u64 = bots.iter().map(|b| b.io.client.stats().snapshots).sum();
@@ -179,6 +195,10 @@ fn main() -> anyhow::Result<()> {
         .map(|b| b.io.client.stats().snapshot_bytes)
         .sum();
     let decode_errors: u64 = bots.iter().map(|b| b.io.client.stats().decode_errors).sum();
+    let late: u64 = bots
+        .iter()
+        .map(|b| b.io.client.stats().snapshots_late)
+        .sum();
     let bytes_in: u64 = bots.iter().map(|b| b.io.bytes_in).sum();
     let bytes_out: u64 = bots.iter().map(|b| b.io.bytes_out).sum();
     let secs = start.elapsed().as_secs_f64();
@@ -228,7 +248,7 @@ fn main() -> anyhow::Result<()> {
         pct(&rtts, 0.5),
         pct(&rtts, 0.99)
     );
-    println!("  decode errors {decode_errors}");
+    println!("  decode errors {decode_errors}, snapshots arriving after a newer one {late}");
     for b in &mut bots {
         b.io.client.close(Instant::now());
         let _ = b.io.flush();
