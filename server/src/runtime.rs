@@ -1,24 +1,22 @@
 //! The glommio layer: one executor per core, each driving one [`ShardCore`].
 //!
 //! This layer is deliberately thin: sockets, clocks and sleeping live here, every decision
-//! lives in the sans-IO core. Each shard runs one loop, a classic game-server loop, as the
-//! executor's only long-lived task:
+//! lives in the sans-IO core. Each shard runs these tasks:
 //!
-//! 1. run the room ticks that are due (first, so a burst of packets never delays them by
-//!    more than one bounded receive pass);
-//! 2. run QUIC timers that are due (loss detection, ACK delay, idle);
-//! 3. deliver messages from other shards (glommio channel mesh);
-//! 4. receive: read with non-blocking `recvmmsg` (quinn-udp) until the socket is empty or
-//!    [`RECV_BOUND`] datagrams were taken, feeding the core;
-//! 5. send everything the core queued (`sendmsg` per datagram, quinn-udp) and the mesh
-//!    messages;
-//! 6. sleep until the next tick, the next QUIC timer, or [`RECV_POLL`], whichever is first;
-//!    after a full pass (more may be queued) only yield.
+//! - **tick** (latency-sensitive task queue): sleeps until the next room deadline or QUIC
+//!   timer, whichever is first, then runs the due room ticks (and housekeeping) and the due
+//!   QUIC timers, and sends what they produced. It is the only task that sleeps on a glommio
+//!   timer; the others wake it early through a waker when the next deadline moves earlier.
+//! - **receive** (throughput queue): waits for the socket to be readable (an io_uring
+//!   `recvmsg` with `MSG_PEEK` on a duplicate of the socket), then reads batches with
+//!   non-blocking `recvmmsg` (quinn-udp) until the socket is empty or [`RECV_BOUND`]
+//!   datagrams were taken, feeds them to the core, sends what they produced, and yields so a
+//!   due tick runs before the next pass.
+//! - **mesh** (throughput queue): one task per peer shard, delivering its messages.
 //!
-//! One loop, one sleep: an earlier design with separate tick, receive and timer tasks, each
-//! sleeping on its own glommio timer, stalled on this kernel (a task's short timer did not
-//! fire while another task's long timer was pending, holding datagrams in the socket for
-//! seconds). ARCHITECTURE.md records the deviation.
+//! Only one task sleeps on a timer by design: with several tasks each sleeping on its own
+//! glommio timer, a short timer did not fire while another task's long one was pending, and
+//! datagrams waited in the socket for seconds (ARCHITECTURE.md has the story).
 
 use crate::config::ServeConfig;
 use crate::mesh::ShardMsg;
@@ -29,26 +27,22 @@ use crate::{builtin_modes, ShardId};
 use bytes::BytesMut;
 use futures_lite::future;
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
-use glommio::{LocalExecutorBuilder, Placement};
+use glommio::{Latency, LocalExecutorBuilder, Placement, Shares};
 use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io::IoSliceMut;
 use std::net::UdpSocket;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
 
-/// Most datagrams one receive pass takes before the loop runs due ticks and sends what it
-/// has. 256 datagrams cost about 0.5 ms of processing at 2 µs each: a burst can delay a
+/// Most datagrams one receive pass takes before it sends what it has and yields to a due
+/// tick. 256 datagrams cost about 0.5 ms of processing at 2 µs each: a burst can delay a
 /// tick by at most that, well inside the 1 ms lateness budget, while a full pass still
 /// amortises the wake-up over many packets (quinn's `IO_LOOP_BOUND` reasons the same way).
 pub const RECV_BOUND: usize = 256;
-/// Longest the loop sleeps before looking at the socket again. Inputs wait for the next tick
-/// anyway, so prompt reading matters only for QUIC's own exchanges (handshakes, ACKs, whose
-/// delay budget is 25 ms). 1 ms adds at most 1 ms to those and costs about 1,000 wake-ups per
-/// second per idle shard; 200 µs measured 15% of a core per idle shard (glommio spends about
-/// 30 µs per wake-up), 1 ms measured about 3%.
-pub const RECV_POLL: Duration = Duration::from_millis(1);
 /// Capacity of each shard-to-shard channel.
 const MESH_CAPACITY: usize = 4096;
 /// How long a stopping shard keeps sending so close frames reach clients.
@@ -270,101 +264,227 @@ async fn run_shard(
         }
     }
     let peers_n = senders.as_ref().map_or(0, |s| s.nr_consumers());
-    let mut io = Io {
-        socket,
-        state,
-        send_buf: Vec::with_capacity(64 * 1024),
-        mesh: senders,
-        mesh_backlog: (0..peers_n).map(|_| VecDeque::new()).collect(),
+    // glommio waits on a duplicate of the socket for readability (io_uring); quinn-udp reads
+    // and writes the original.
+    let readiness = match socket.try_clone() {
+        // SAFETY: `dup` is a freshly duplicated UDP socket descriptor that nothing else owns.
+        Ok(dup) => unsafe {
+            <glommio::net::UdpSocket as std::os::fd::FromRawFd>::from_raw_fd(
+                std::os::fd::IntoRawFd::into_raw_fd(dup),
+            )
+        },
+        Err(e) => {
+            error!(%shard, error = %e, "socket dup failed");
+            return;
+        }
     };
-    let mut core = ShardCore::new(config, Box::new(Instant::now));
-    let peers: Vec<_> = match receivers {
-        Some(mut r) => r.streams().into_iter().map(|(_, rx)| rx).collect(),
-        None => Vec::new(),
-    };
-    let batch = quinn_udp::BATCH_SIZE.max(1);
-    const SLOT: usize = 2048;
-    let mut storage = vec![0u8; SLOT * batch];
-    let mut meta = vec![RecvMeta::default(); batch];
-    let mut next_stats = Instant::now() + stats_interval;
-    info!(%shard, "serving");
-    loop {
-        // (1) ticks and housekeeping
-        let now = Instant::now();
-        if core.next_tick(now) <= now {
-            core.handle_tick(now);
+    let shared = Rc::new(Shared {
+        core: RefCell::new(ShardCore::new(config, Box::new(Instant::now))),
+        io: RefCell::new(Io {
+            socket,
+            state,
+            send_buf: Vec::with_capacity(64 * 1024),
+            mesh: senders,
+            mesh_backlog: (0..peers_n).map(|_| VecDeque::new()).collect(),
+        }),
+        wake_timer: Notify::default(),
+        timer_armed: Cell::new(None),
+    });
+    let ex = glommio::executor();
+    let tick_q = ex.create_task_queue(
+        Shares::Static(1000),
+        Latency::Matters(Duration::from_millis(1)),
+        "tick",
+    );
+    let io_q = ex.create_task_queue(Shares::Static(1000), Latency::NotImportant, "io");
+
+    // Mesh: one task per peer shard, woken by glommio's channel.
+    let mut tasks = Vec::new();
+    if let Some(mut receivers) = receivers {
+        for (_, rx) in receivers.streams() {
+            let sh = shared.clone();
+            tasks.push(
+                glommio::spawn_local_into(
+                    async move {
+                        while let Some(msg) = rx.recv().await {
+                            sh.core
+                                .borrow_mut()
+                                .handle_shard_message(Instant::now(), msg);
+                            sh.flush();
+                        }
+                    },
+                    io_q,
+                )
+                .expect("task queue exists"),
+            );
         }
-        if STOP.load(Ordering::Relaxed) {
-            break;
-        }
-        // (2) QUIC timers
-        let now = Instant::now();
-        if core.poll_timeout().is_some_and(|t| t <= now) {
-            core.handle_timeout(now);
-        }
-        // (3) the mesh
-        for rx in &peers {
-            while let Some(Some(msg)) = future::poll_once(rx.recv()).await {
-                core.handle_shard_message(Instant::now(), msg);
-            }
-        }
-        // (4) receive, bounded
-        let mut taken = 0;
-        while taken < RECV_BOUND {
-            let mut slices: Vec<IoSliceMut<'_>> =
-                storage.chunks_mut(SLOT).map(IoSliceMut::new).collect();
-            let n = match io
-                .state
-                .recv(UdpSockRef::from(&io.socket), &mut slices, &mut meta)
-            {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    warn!(%shard, error = %e, "receive failed");
+    }
+
+    // Receive: wait for readability, then read batches until empty or RECV_BOUND.
+    let sh = shared.clone();
+    tasks.push(
+        glommio::spawn_local_into(
+            async move {
+                let batch = quinn_udp::BATCH_SIZE.max(1);
+                const SLOT: usize = 2048;
+                let mut storage = vec![0u8; SLOT * batch];
+                let mut meta = vec![RecvMeta::default(); batch];
+                let mut peek = [0u8; 1];
+                loop {
+                    if let Err(e) = readiness.peek_from(&mut peek).await {
+                        warn!(%shard, error = %e, "waiting for the socket failed");
+                    }
+                    let mut taken = 0;
+                    while taken < RECV_BOUND {
+                        let mut slices: Vec<IoSliceMut<'_>> =
+                            storage.chunks_mut(SLOT).map(IoSliceMut::new).collect();
+                        let io = sh.io.borrow();
+                        let n = match io.state.recv(
+                            UdpSockRef::from(&io.socket),
+                            &mut slices,
+                            &mut meta,
+                        ) {
+                            Ok(n) => n,
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                            Err(e) => {
+                                warn!(%shard, error = %e, "receive failed");
+                                break;
+                            }
+                        };
+                        drop(io);
+                        let now = Instant::now();
+                        let mut core = sh.core.borrow_mut();
+                        for (m, buf) in meta.iter().zip(slices.iter()).take(n) {
+                            core.handle_datagram(
+                                now,
+                                m.addr,
+                                m.dst_ip,
+                                BytesMut::from(&buf[..m.len]),
+                            );
+                            taken += 1;
+                        }
+                    }
+                    sh.flush();
+                    // Let the tick queue in between passes.
+                    future::yield_now().await;
+                }
+            },
+            io_q,
+        )
+        .expect("task queue exists"),
+    );
+
+    // Ticks and QUIC timers, on the latency-sensitive queue: the only task that sleeps on a
+    // timer.
+    let sh = shared.clone();
+    let ticker = glommio::spawn_local_into(
+        async move {
+            let mut next_stats = Instant::now() + stats_interval;
+            loop {
+                let now = Instant::now();
+                let mut wake = sh.core.borrow().next_tick(now);
+                if let Some(t) = sh.core.borrow_mut().poll_timeout() {
+                    wake = wake.min(t);
+                }
+                sh.timer_armed.set(Some(wake));
+                if wake > now {
+                    future::or(glommio::timer::sleep(wake - now), sh.wake_timer.wait()).await;
+                }
+                sh.timer_armed.set(None);
+                if STOP.load(Ordering::Relaxed) {
                     break;
                 }
-            };
-            let now = Instant::now();
-            for (m, buf) in meta.iter().zip(slices.iter()).take(n) {
-                core.handle_datagram(now, m.addr, m.dst_ip, BytesMut::from(&buf[..m.len]));
-                taken += 1;
+                let now = Instant::now();
+                {
+                    let mut core = sh.core.borrow_mut();
+                    if core.next_tick(now) <= now {
+                        core.handle_tick(now);
+                    }
+                    if core.poll_timeout().is_some_and(|t| t <= now) {
+                        core.handle_timeout(now);
+                    }
+                }
+                sh.flush();
+                if !stats_interval.is_zero() && Instant::now() >= next_stats {
+                    next_stats += stats_interval;
+                    log_stats(&sh.core.borrow());
+                }
             }
-        }
-        // (5) send
-        io.flush(&mut core);
-        if !stats_interval.is_zero() && Instant::now() >= next_stats {
-            next_stats += stats_interval;
-            log_stats(&core);
-        }
-        // (6) sleep
-        if taken >= RECV_BOUND {
-            future::yield_now().await;
-            continue;
-        }
-        let now = Instant::now();
-        let mut wake = (now + RECV_POLL).min(core.next_tick(now));
-        if let Some(t) = core.poll_timeout() {
-            wake = wake.min(t);
-        }
-        if wake > now {
-            glommio::timer::sleep(wake - now).await;
-        }
-    }
-    // Stopping: tell every client, keep sending briefly so the close frames leave.
-    core.close_all(
-        Instant::now(),
-        tickshard_schema::codes::SHUTTING_DOWN,
-        "server shutting down",
-    );
-    io.flush(&mut core);
-    let linger_end = Instant::now() + CLOSE_LINGER;
-    while Instant::now() < linger_end {
-        glommio::timer::sleep(Duration::from_millis(5)).await;
-        core.handle_timeout(Instant::now());
-        io.flush(&mut core);
-    }
-    log_stats(&core);
+            // Stopping: tell every client, keep sending briefly so the close frames leave.
+            sh.core.borrow_mut().close_all(
+                Instant::now(),
+                tickshard_schema::codes::SHUTTING_DOWN,
+                "server shutting down",
+            );
+            sh.flush();
+            let linger_end = Instant::now() + CLOSE_LINGER;
+            while Instant::now() < linger_end {
+                glommio::timer::sleep(Duration::from_millis(5)).await;
+                sh.core.borrow_mut().handle_timeout(Instant::now());
+                sh.flush();
+            }
+            log_stats(&sh.core.borrow());
+        },
+        tick_q,
+    )
+    .expect("task queue exists");
+    info!(%shard, "serving");
+    ticker.await;
+    drop(tasks);
     info!(%shard, "stopped");
+}
+
+/// The shard's state, shared by its tasks (one thread: `RefCell`, no locks).
+struct Shared {
+    core: RefCell<ShardCore>,
+    io: RefCell<Io>,
+    wake_timer: Notify,
+    timer_armed: Cell<Option<Instant>>,
+}
+
+impl Shared {
+    /// Sends what the core queued, and wakes the timer task if the next deadline moved earlier.
+    fn flush(&self) {
+        let mut core = self.core.borrow_mut();
+        self.io.borrow_mut().flush(&mut core);
+        let now = Instant::now();
+        let mut next = core.next_tick(now);
+        if let Some(t) = core.poll_timeout() {
+            next = next.min(t);
+        }
+        drop(core);
+        if self.timer_armed.get().is_some_and(|armed| next < armed) {
+            self.wake_timer.notify();
+        }
+    }
+}
+
+/// Wakes a task sleeping on [`Notify::wait`] from another task of the same executor.
+#[derive(Default)]
+struct Notify {
+    set: Cell<bool>,
+    waker: RefCell<Option<std::task::Waker>>,
+}
+
+impl Notify {
+    fn notify(&self) {
+        self.set.set(true);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    async fn wait(&self) {
+        future::poll_fn(|cx| {
+            if self.set.replace(false) {
+                std::task::Poll::Ready(())
+            } else {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        })
+        .await
+    }
 }
 
 fn set_udp_gro(socket: &UdpSocket, on: bool) {
