@@ -45,10 +45,19 @@ impl ShardSockets {
 /// Bytes of receive and send buffer per socket: a burst of a few thousand packets.
 const SOCKET_BUFFER: usize = 8 << 20;
 
-fn reuseport_socket(addr: SocketAddr) -> io::Result<socket2::Socket> {
+/// Whether a shard socket joins the port's reuseport group.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sharing {
+    ReusePort,
+    Exclusive,
+}
+
+fn shard_socket(addr: SocketAddr, sharing: Sharing) -> io::Result<socket2::Socket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    s.set_reuse_port(true)?;
+    if sharing == Sharing::ReusePort {
+        s.set_reuse_port(true)?;
+    }
     s.set_nonblocking(true)?;
     // Best effort: the kernel caps these at net.core.{r,w}mem_max.
     let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
@@ -110,7 +119,7 @@ pub fn bind(addr: SocketAddr, shards: usize) -> io::Result<ShardSockets> {
     let probe = UdpSocket::bind(addr)?;
     let addr = probe.local_addr()?;
     drop(probe);
-    let first = reuseport_socket(addr)?;
+    let first = shard_socket(addr, Sharing::ReusePort)?;
     let addr = first.local_addr()?.as_socket().expect("inet socket");
     if shards == 1 {
         return Ok(ShardSockets {
@@ -121,7 +130,7 @@ pub fn bind(addr: SocketAddr, shards: usize) -> io::Result<ShardSockets> {
     // Sockets join the reuseport group in bind order: index i is shard i.
     let mut sockets = vec![first];
     for _ in 1..shards {
-        sockets.push(reuseport_socket(addr)?);
+        sockets.push(shard_socket(addr, Sharing::ReusePort)?);
     }
     match attach_steering(&sockets[0], shards as u32) {
         Ok(()) => Ok(ShardSockets {
@@ -141,18 +150,7 @@ pub fn bind(addr: SocketAddr, shards: usize) -> io::Result<ShardSockets> {
                 })?;
                 let mut a = addr;
                 a.set_port(port);
-                let s = socket2::Socket::new(
-                    socket2::Domain::for_address(a),
-                    socket2::Type::DGRAM,
-                    Some(socket2::Protocol::UDP),
-                )?;
-                s.set_nonblocking(true)?;
-                let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
-                let _ = s.set_send_buffer_size(SOCKET_BUFFER);
-                if a.is_ipv6() {
-                    s.set_only_v6(false).ok();
-                }
-                s.bind(&a.into())?;
+                let s = shard_socket(a, Sharing::Exclusive)?;
                 out.push(s.into());
             }
             Ok(ShardSockets {
