@@ -181,3 +181,39 @@ async fn bad_frames_close_only_that_connection() {
         seen.len()
     );
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn sigterm_closes_clients_with_a_reason_and_exits_zero() {
+    let mut server = Server::start("term", &["--shards", "2"]);
+    let mut c = QuinnClient::connect(&server).await;
+    c.hello().await;
+    c.join(0).await;
+    // SAFETY: sending a signal to the child we started.
+    unsafe {
+        libc::kill(server.child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    match tokio::time::timeout(Duration::from_secs(3), c.conn.closed())
+        .await
+        .expect("closed promptly")
+    {
+        quinn::ConnectionError::ApplicationClosed(a) => {
+            assert_eq!(
+                a.error_code.into_inner(),
+                tickshard_schema::codes::SHUTTING_DOWN as u64
+            )
+        }
+        other => panic!("expected an application close, got {other}"),
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "server did not exit within 5 s of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
