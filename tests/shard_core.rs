@@ -22,7 +22,12 @@ fn join_all(net: &mut Net) {
     for i in 0..net.clients.len() {
         net.clients[i].client.join(None, "arena");
     }
+    // `Joined` travels on the reliable stream: under loss it may need a retransmission.
+    let deadline = net.now() + Duration::from_secs(3);
     net.run_for(Duration::from_millis(300));
+    while (0..net.clients.len()).any(|i| room_of(net, i).is_none()) && net.now() < deadline {
+        net.run_for(Duration::from_millis(50));
+    }
     for i in 0..net.clients.len() {
         assert!(
             room_of(net, i).is_some(),

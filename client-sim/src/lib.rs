@@ -39,8 +39,10 @@
 //! ```
 
 pub mod drive;
+pub mod link;
 pub mod trust;
 
+pub use link::{Conditioner, Link};
 pub use trust::Trust;
 
 use bytes::{Bytes, BytesMut};
@@ -641,9 +643,9 @@ impl Client {
                 players,
                 ..
             } => {
+                // Snapshots of the new seat may overtake `Joined` (datagrams are not ordered
+                // with the stream), so the history is cleared when a seat ends, not here.
                 self.state = SessionState::InRoom { room_id, entity_id };
-                self.history.clear();
-                self.latest = 0;
                 ClientEvent::Joined {
                     room_id,
                     shard,
@@ -654,6 +656,8 @@ impl Client {
             }
             ControlMsg::Left { room_id, reason } => {
                 self.state = SessionState::Lobby;
+                self.history.clear();
+                self.latest = 0;
                 ClientEvent::Left { room_id, reason }
             }
             ControlMsg::Chat { from_player, text } => ClientEvent::Chat { from_player, text },

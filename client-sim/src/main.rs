@@ -6,7 +6,7 @@
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
 use client_sim::drive::UdpClient;
-use client_sim::{ClientConfig, ClientEvent, SessionState, Trust};
+use client_sim::{ClientConfig, ClientEvent, Link, SessionState, Trust};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -56,6 +56,24 @@ struct Args {
     /// TLS server name.
     #[arg(long, default_value = "localhost")]
     server_name: String,
+    /// Link conditions for every bot, both directions: perfect, good, average or poor.
+    #[arg(long, default_value = "perfect")]
+    link: String,
+    /// Override the preset's loss probability (0..1), both directions.
+    #[arg(long)]
+    loss: Option<f64>,
+    /// Override the preset's one-way latency in milliseconds.
+    #[arg(long)]
+    latency: Option<u64>,
+    /// Override the preset's jitter in milliseconds.
+    #[arg(long)]
+    jitter: Option<u64>,
+    /// Override the preset's reordering probability (0..1).
+    #[arg(long)]
+    reorder: Option<f64>,
+    /// Override the preset's duplication probability (0..1).
+    #[arg(long)]
+    duplicate: Option<f64>,
     /// Seconds over which bots join, evenly spread (0: all at once).
     #[arg(long, default_value_t = 0.0)]
     ramp: f64,
@@ -103,12 +121,43 @@ fn main() -> anyhow::Result<()> {
             .with_context(|| "trusting the server certificate (use --pin or --cert)")?
     };
     let config = ClientConfig::new(trust, &a.server_name);
+    let mut link = Link::preset(&a.link)
+        .with_context(|| format!("unknown --link {:?} (perfect, good, average, poor)", a.link))?;
+    if let Some(v) = a.loss {
+        link.loss = v;
+    }
+    if let Some(v) = a.latency {
+        link.latency = Duration::from_millis(v);
+    }
+    if let Some(v) = a.jitter {
+        link.jitter = Duration::from_millis(v);
+    }
+    if let Some(v) = a.reorder {
+        link.reorder = v;
+    }
+    if let Some(v) = a.duplicate {
+        link.duplicate = v;
+    }
+    for (name, p) in [
+        ("--loss", link.loss),
+        ("--reorder", link.reorder),
+        ("--duplicate", link.duplicate),
+    ] {
+        if !(0.0..=1.0).contains(&p) {
+            bail!("{name} must be a probability between 0 and 1, got {p}");
+        }
+    }
     let mut bots = Vec::with_capacity(a.bots);
     for i in 0..a.bots {
         let mut seed = [0u8; 32];
         seed[..8].copy_from_slice(&a.seed.to_le_bytes());
         seed[8..16].copy_from_slice(&(i as u64).to_le_bytes());
-        let io = UdpClient::connect(a.server, &config, Some(seed))?;
+        let mut io = UdpClient::connect(a.server, &config, Some(seed))?;
+        io.set_link(
+            link,
+            link,
+            a.seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        );
         bots.push(Bot {
             io,
             welcomed: false,
@@ -249,6 +298,11 @@ fn main() -> anyhow::Result<()> {
         pct(&rtts, 0.99)
     );
     println!("  decode errors {decode_errors}, snapshots arriving after a newer one {late}");
+    let (up, down): (u64, u64) = bots
+        .iter()
+        .map(|b| b.io.link_dropped())
+        .fold((0, 0), |s, d| (s.0 + d.0, s.1 + d.1));
+    println!("  link {} ({link:?}): dropped up {up} down {down}", a.link);
     for b in &mut bots {
         b.io.client.close(Instant::now());
         let _ = b.io.flush();

@@ -9,8 +9,6 @@
 
 use bytes::BytesMut;
 use client_sim::{Client, ClientConfig, ClientEvent, Trust};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use std::cell::Cell;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -21,30 +19,14 @@ use tickshard::mesh::ShardMsg;
 use tickshard::tls::{self, Identity, TransportSettings};
 use tickshard::{builtin_modes, ShardConfig, ShardCore, ShardId};
 
-/// Impairment of one direction of every link.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Link {
-    /// Probability a datagram is lost.
-    pub loss: f64,
-    /// One-way delay.
-    pub latency: Duration,
-    /// Extra uniform random delay up to this.
-    pub jitter: Duration,
-    /// Probability a datagram is held back an extra 0..3 latency (reordering).
-    pub reorder: f64,
-    /// Probability a datagram is delivered twice.
-    pub duplicate: f64,
-}
+use client_sim::link::Conditioner;
+pub use client_sim::link::Link;
 
-impl Link {
-    /// A clean 1 ms link.
-    pub fn clean() -> Self {
-        Link {
-            latency: Duration::from_millis(1),
-            ..Default::default()
-        }
-    }
-}
+/// A clean 1 ms link.
+pub const CLEAN: Link = Link {
+    latency: Duration::from_millis(1),
+    ..Link::PERFECT
+};
 
 /// Setup of a simulated network.
 #[derive(Debug, Clone)]
@@ -66,12 +48,20 @@ impl Default for NetConfig {
             seed: 1,
             tick_rate: 30,
             capacity: 64,
-            up: Link::clean(),
-            down: Link::clean(),
+            up: CLEAN,
+            down: CLEAN,
             hello_timeout: Duration::from_secs(5),
             empty_room_grace: Duration::from_secs(5),
         }
     }
+}
+
+/// Which conditioner a datagram passes.
+#[derive(Clone, Copy)]
+enum Dir {
+    Up,
+    Down,
+    Clean,
 }
 
 #[derive(Clone, Copy)]
@@ -109,7 +99,10 @@ pub struct Net {
     queue: BinaryHeap<Reverse<(Instant, u64)>>,
     flights: std::collections::HashMap<u64, InFlight>,
     next_seq: u64,
-    rng: ChaCha8Rng,
+    up: Conditioner,
+    down: Conditioner,
+    clean: Conditioner,
+    delays: Vec<Duration>,
     mesh: VecDeque<(ShardId, ShardMsg)>,
     buf: Vec<u8>,
     /// Datagrams delivered to the server.
@@ -165,7 +158,10 @@ impl Net {
             .collect();
         let client_config = ClientConfig::new(Trust::Roots(vec![cert.into()]), "localhost");
         Net {
-            rng: ChaCha8Rng::seed_from_u64(config.seed ^ 0xabcdef),
+            up: Conditioner::new(config.up, config.seed ^ 0xabcdef),
+            down: Conditioner::new(config.down, config.seed ^ 0xfedcba),
+            clean: Conditioner::new(CLEAN, 0),
+            delays: Vec::new(),
             config,
             base,
             now,
@@ -200,8 +196,7 @@ impl Net {
 
     /// Delivers raw bytes to the server as if sent from `from` (garbage, attacks).
     pub fn inject(&mut self, from: SocketAddr, data: &[u8]) {
-        let link = Link::clean();
-        self.send(Dest::Server, from, data, link);
+        self.send(Dest::Server, from, data, Dir::Clean);
     }
 
     /// Snapshots client `i` has applied so far.
@@ -252,25 +247,19 @@ impl Net {
         b.copied().unwrap_or(0) as usize % self.shards.len()
     }
 
-    fn send(&mut self, dest: Dest, from: SocketAddr, data: &[u8], link: Link) {
-        if self.rng.gen_bool(link.loss) {
-            self.dropped += 1;
-            return;
-        }
-        let copies = if self.rng.gen_bool(link.duplicate) {
-            2
-        } else {
-            1
+    fn send(&mut self, dest: Dest, from: SocketAddr, data: &[u8], dir: Dir) {
+        let conditioner = match dir {
+            Dir::Up => &mut self.up,
+            Dir::Down => &mut self.down,
+            Dir::Clean => &mut self.clean,
         };
-        for _ in 0..copies {
-            let mut delay = link.latency;
-            if !link.jitter.is_zero() {
-                delay += link.jitter.mul_f64(self.rng.gen::<f64>());
-            }
-            if self.rng.gen_bool(link.reorder) {
-                delay += link.latency.mul_f64(self.rng.gen_range(0.0..3.0));
-            }
-            let at = self.now() + delay;
+        let mut delays = std::mem::take(&mut self.delays);
+        conditioner.decide(&mut delays);
+        if delays.is_empty() {
+            self.dropped += 1;
+        }
+        for delay in &delays {
+            let at = self.now() + *delay;
             let seq = self.next_seq;
             self.next_seq += 1;
             self.flights.insert(
@@ -285,6 +274,7 @@ impl Net {
             );
             self.queue.push(Reverse((at, seq)));
         }
+        self.delays = delays;
     }
 
     /// Collects every output of every peer into the network.
@@ -296,8 +286,7 @@ impl Net {
                 let dest = self.clients.iter().position(|c| c.addr == t.destination);
                 if let Some(ci) = dest.filter(|&ci| !self.clients[ci].cut) {
                     for seg in data[..t.size].chunks(t.segment_size.unwrap_or(t.size)) {
-                        let link = self.config.down;
-                        self.send(Dest::Client(ci), self.server_addr, seg, link);
+                        self.send(Dest::Client(ci), self.server_addr, seg, Dir::Down);
                     }
                 }
                 self.buf = data;
@@ -315,8 +304,7 @@ impl Net {
                     .chunks(t.segment_size.unwrap_or(t.size))
                     .filter(|_| !cut)
                 {
-                    let link = self.config.up;
-                    self.send(Dest::Server, from, seg, link);
+                    self.send(Dest::Server, from, seg, Dir::Up);
                 }
                 self.buf = data;
             }
