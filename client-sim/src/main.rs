@@ -74,6 +74,15 @@ struct Args {
     /// Override the preset's duplication probability (0..1).
     #[arg(long)]
     duplicate: Option<f64>,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Fail (exit 1) if fewer than this share of expected snapshots arrived (0..1).
+    #[arg(long)]
+    expect_delivery: Option<f64>,
+    /// Fail (exit 1) if the RTT p99 across bots exceeds this many milliseconds.
+    #[arg(long)]
+    expect_rtt_p99: Option<f64>,
     /// Seconds over which bots join, evenly spread (0: all at once).
     #[arg(long, default_value_t = 0.0)]
     ramp: f64,
@@ -96,6 +105,9 @@ fn direction(seed: u64, bot: usize, tick: u64) -> (i8, i8) {
 
 struct Bot {
     io: UdpClient,
+    started: Instant,
+    welcomed_at: Option<Instant>,
+    room_rate: u16,
     welcomed: bool,
     join_sent: bool,
     joined_at: Option<Instant>,
@@ -160,6 +172,9 @@ fn main() -> anyhow::Result<()> {
         );
         bots.push(Bot {
             io,
+            started: Instant::now(),
+            welcomed_at: None,
+            room_rate: 0,
             welcomed: false,
             join_sent: false,
             joined_at: None,
@@ -185,8 +200,14 @@ fn main() -> anyhow::Result<()> {
             }
             while let Some(ev) = b.io.client.poll_event() {
                 match ev {
-                    ClientEvent::Welcome { .. } => b.welcomed = true,
-                    ClientEvent::Joined { .. } => b.joined_at = Some(now),
+                    ClientEvent::Welcome { .. } => {
+                        b.welcomed = true;
+                        b.welcomed_at = Some(now);
+                    }
+                    ClientEvent::Joined { tick_rate, .. } => {
+                        b.joined_at = Some(now);
+                        b.room_rate = tick_rate;
+                    }
                     ClientEvent::Snapshot { .. } if b.joined_at.is_some() => {
                         b.snapshots_in_room += 1
                     }
@@ -303,12 +324,87 @@ fn main() -> anyhow::Result<()> {
         .map(|b| b.io.link_dropped())
         .fold((0, 0), |s, d| (s.0 + d.0, s.1 + d.1));
     println!("  link {} ({link:?}): dropped up {up} down {down}", a.link);
+    // Delivery: snapshots received in the room against one per room tick while seated.
+    let expected: u64 = bots
+        .iter()
+        .filter_map(|b| {
+            b.joined_at
+                .map(|j| ((end - j).as_secs_f64() * b.room_rate as f64).floor() as u64)
+        })
+        .sum();
+    let received: u64 = bots.iter().map(|b| b.snapshots_in_room).sum();
+    let delivery = if expected > 0 {
+        (received as f64 / expected as f64).min(1.0)
+    } else {
+        0.0
+    };
+    let mut handshakes: Vec<f64> = bots
+        .iter()
+        .filter_map(|b| {
+            b.welcomed_at
+                .map(|w| (w - b.started).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    handshakes.sort_by(|x, y| x.partial_cmp(y).expect("finite"));
+    println!("  snapshots received {received} of {expected} expected: delivery {delivery:.4}");
+    println!(
+        "  connect to welcome ms: p50 {:.2} p99 {:.2}",
+        pct(&handshakes, 0.5),
+        pct(&handshakes, 0.99)
+    );
+    let mut reasons: std::collections::BTreeMap<&str, u64> = Default::default();
+    for b in bots.iter().filter(|b| b.joined_at.is_none()) {
+        *reasons
+            .entry(b.failed.as_deref().unwrap_or("did not join in time"))
+            .or_default() += 1;
+    }
+    if let Some(path) = &a.json {
+        let esc = |t: &str| t.replace('\\', "\\\\").replace('"', "\\\"");
+        let reasons_json: Vec<String> = reasons
+            .iter()
+            .map(|(r, n)| format!("\"{}\": {n}", esc(r)))
+            .collect();
+        let json = format!(
+            "{{\n  \"bots\": {},\n  \"connected\": {},\n  \"failed\": {},\n  \"failed_by_reason\": {{{}}},\n  \"snapshots_expected\": {},\n  \"snapshots_received\": {},\n  \"snapshot_delivery_ratio\": {:.6},\n  \"snapshots_per_bot_per_s\": {{\"p50\": {:.3}, \"worst\": {:.3}}},\n  \"rtt_ms\": {{\"p50\": {:.3}, \"p99\": {:.3}}},\n  \"handshake_ms\": {{\"p50\": {:.3}, \"p99\": {:.3}}},\n  \"bytes_in_per_bot_per_s\": {:.1},\n  \"bytes_out_per_bot_per_s\": {:.1},\n  \"bytes_per_snapshot\": {:.1},\n  \"decode_errors\": {},\n  \"late_snapshots\": {},\n  \"link\": \"{}\",\n  \"link_dropped\": {{\"up\": {up}, \"down\": {down}}}\n}}\n",
+            a.bots,
+            connected,
+            a.bots - connected,
+            reasons_json.join(", "),
+            expected,
+            received,
+            delivery,
+            pct(&rates, 0.5),
+            pct(&rates, 0.0),
+            pct(&rtts, 0.5),
+            pct(&rtts, 0.99),
+            pct(&handshakes, 0.5),
+            pct(&handshakes, 0.99),
+            bytes_in as f64 / a.bots as f64 / secs,
+            bytes_out as f64 / a.bots as f64 / secs,
+            if snaps > 0 { snap_bytes as f64 / snaps as f64 } else { 0.0 },
+            decode_errors,
+            late,
+            esc(&a.link),
+        );
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
     for b in &mut bots {
         b.io.client.close(Instant::now());
         let _ = b.io.flush();
     }
     if connected < a.bots {
         bail!("{} of {} bots did not play", a.bots - connected, a.bots);
+    }
+    if let Some(want) = a.expect_delivery {
+        if delivery < want {
+            bail!("verdict: snapshot delivery {delivery:.4} is below the expected {want}");
+        }
+    }
+    if let Some(max) = a.expect_rtt_p99 {
+        let p99 = pct(&rtts, 0.99);
+        if p99 > max {
+            bail!("verdict: RTT p99 {p99:.2} ms exceeds the allowed {max} ms");
+        }
     }
     Ok(())
 }
