@@ -691,3 +691,25 @@ fn a_join_the_other_shard_never_answers_times_out() {
     net.run_for(Duration::from_millis(200));
     assert_eq!(room_of(&net, guest), Some(room));
 }
+
+#[test]
+fn a_full_shard_refuses_new_connections_and_keeps_its_players() {
+    let mut net = Net::new(NetConfig {
+        max_connections: 2,
+        ..Default::default()
+    });
+    let (a, b) = (net.add_client(), net.add_client());
+    net.connect_all(Duration::from_secs(2));
+    join_all(&mut net);
+    let c = net.add_client();
+    net.run_for(Duration::from_secs(2));
+    assert!(
+        matches!(net.closed(c), Some(CloseReason::Transport(r)) if r.contains("refused")),
+        "{:?}",
+        net.closed(c)
+    );
+    assert_eq!(net.shards[0].counters().refused, 1);
+    let before = (net.snapshots(a), net.snapshots(b));
+    net.play(30, |_, _| Some((0, 0, 0, 0)));
+    assert!(net.snapshots(a) - before.0 >= 29 && net.snapshots(b) - before.1 >= 29);
+}

@@ -88,21 +88,22 @@ pub fn steering_program(shards: u32) -> Vec<libc::sock_filter> {
     ]
 }
 
-fn attach_steering(socket: &socket2::Socket, shards: u32) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let program = steering_program(shards);
-    let prog = libc::sock_fprog {
-        len: program.len() as u16,
-        filter: program.as_ptr() as *mut _,
-    };
-    // SAFETY: `prog` points at `program`, alive for the call; the kernel copies it.
+/// Sets a socket option whose value is the plain-data `value`.
+fn setsockopt<T>(
+    fd: &impl std::os::fd::AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
+    // SAFETY: `value` is a live, initialised `T` for the duration of the call, and its size
+    // is passed along; the kernel copies it.
     let rc = unsafe {
         libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_REUSEPORT_CBPF,
-            &prog as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+            fd.as_raw_fd(),
+            level,
+            name,
+            value as *const T as *const libc::c_void,
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if rc == 0 {
@@ -110,6 +111,27 @@ fn attach_steering(socket: &socket2::Socket, shards: u32) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+fn attach_steering(socket: &socket2::Socket, shards: u32) -> io::Result<()> {
+    let program = steering_program(shards);
+    let prog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_ptr() as *mut _,
+    };
+    // `prog` points into `program`, which outlives the call.
+    setsockopt(
+        socket,
+        libc::SOL_SOCKET,
+        libc::SO_ATTACH_REUSEPORT_CBPF,
+        &prog,
+    )
+}
+
+/// Turns UDP generic receive offload on or off. quinn-udp turns it on; the shard's receive
+/// loop reads one datagram per buffer.
+pub fn set_udp_gro(socket: &UdpSocket, on: bool) -> io::Result<()> {
+    setsockopt(socket, libc::SOL_UDP, libc::UDP_GRO, &(on as libc::c_int))
 }
 
 /// Binds one socket per shard on `addr` (port 0 picks a free port) and sets up steering.

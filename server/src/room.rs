@@ -382,3 +382,118 @@ impl Room {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn room(now: Instant) -> Room {
+        let mode = Rc::new(crate::builtin_modes(4, 30).remove(0));
+        Room::new(RoomId::new(ShardId(0), 1), mode, 1, 1100, now)
+    }
+
+    fn run(r: &mut Room, now: Instant, stats: &mut TickStats) -> bool {
+        let mut counters = Counters::default();
+        r.tick(now, &|| now, stats, &mut counters, &mut |_| {})
+    }
+
+    #[test]
+    fn deadlines_are_fixed_rate_and_overruns_skip() {
+        let start = Instant::now();
+        let period = Duration::from_secs(1) / 30;
+        let mut r = room(start);
+        let mut stats = TickStats::default();
+        assert!(
+            !run(&mut r, start + period / 2, &mut stats),
+            "not due before its deadline"
+        );
+        // On time, a little late each tick: deadlines stay at start + n * period (no drift).
+        for n in 1..=3u32 {
+            assert!(run(
+                &mut r,
+                start + period * n + Duration::from_millis(2),
+                &mut stats
+            ));
+            assert_eq!(r.next_due(), start + period * (n + 1));
+        }
+        assert_eq!(stats.overruns, 0);
+        // 3.5 periods late: one step, three deadlines skipped and counted, next one in the future.
+        let late = start + period * 7 + period / 2;
+        assert!(run(&mut r, late, &mut stats));
+        assert_eq!(
+            r.tick_number(),
+            Tick(4),
+            "one step, not a burst of catch-up steps"
+        );
+        assert_eq!(stats.overruns, 3);
+        assert_eq!(r.next_due(), start + period * 8);
+        assert!(!run(&mut r, late, &mut stats), "nothing more due now");
+    }
+
+    #[test]
+    fn input_budget_applies_at_most_a_burst_and_drops_overflow() {
+        let start = Instant::now();
+        let mut r = room(start);
+        let p = PlayerId(1);
+        r.join(p, Route::Local(0)).unwrap();
+        let mut counters = Counters::default();
+        // 24 fresh commands at once (three datagrams of eight), then the same again (stale).
+        for d in 0..3u32 {
+            let mut input = InputDatagram {
+                len: 8,
+                ..Default::default()
+            };
+            for i in 0..8u32 {
+                let seq = d * 8 + 8 - i;
+                input.cmds[i as usize] = tickshard_schema::InputCmd::new(seq, 1, 0, 0, 0, 0);
+            }
+            input.seq = input.cmds[0].seq();
+            r.handle_input(p, &input, &mut counters);
+            r.handle_input(p, &input, &mut counters);
+        }
+        assert_eq!(counters.inputs_stale, 24, "duplicates ignored");
+        assert_eq!(
+            counters.inputs_dropped,
+            24 - INPUT_QUEUE as u64,
+            "overflow dropped"
+        );
+        let mut stats = TickStats::default();
+        let period = Duration::from_secs(1) / 30;
+        let mut n = 0u32;
+        let mut tick = |r: &mut Room, counters: &mut Counters| {
+            n += 1;
+            r.tick(
+                start + period * n,
+                &|| start,
+                &mut stats,
+                counters,
+                &mut |_| {},
+            );
+            counters.inputs_applied
+        };
+        // A flooded queue drains at one command per tick (the first tick had one saved).
+        let applied: Vec<u64> = (0..6).map(|_| tick(&mut r, &mut counters)).collect();
+        assert_eq!(applied, vec![2, 3, 4, 5, 6, 7]);
+        while counters.inputs_applied < INPUT_QUEUE as u64 {
+            tick(&mut r, &mut counters);
+        }
+        assert_eq!(r.last_applied(p), Some(24));
+        // Idle ticks save up budget, at most INPUT_BURST: commands recovered after a loss apply
+        // promptly, but never more than four in one tick.
+        for _ in 0..6 {
+            tick(&mut r, &mut counters);
+        }
+        let mut input = InputDatagram {
+            len: 8,
+            ..Default::default()
+        };
+        for i in 0..8u32 {
+            input.cmds[i as usize] = tickshard_schema::InputCmd::new(32 - i, 1, 0, 0, 0, 0);
+        }
+        input.seq = 32;
+        r.handle_input(p, &input, &mut counters);
+        let before = counters.inputs_applied;
+        assert_eq!(tick(&mut r, &mut counters) - before, INPUT_BURST as u64);
+        assert_eq!(r.last_applied(p), Some(28));
+    }
+}

@@ -254,7 +254,9 @@ async fn run_shard(
         }
     };
     // quinn-udp turns UDP GRO on; the loop reads one datagram per buffer.
-    set_udp_gro(&socket, false);
+    if let Err(e) = net::set_udp_gro(&socket, false) {
+        warn!(%shard, error = %e, "turning UDP GRO off");
+    }
     // Messages are addressed by shard number; the mesh numbers its peers by executor. Both
     // follow spawn order, which this checks rather than assumes.
     if let Some(s) = &senders {
@@ -329,6 +331,9 @@ async fn run_shard(
                 const SLOT: usize = 2048;
                 let mut storage = vec![0u8; SLOT * batch];
                 let mut meta = vec![RecvMeta::default(); batch];
+                // Built once: one buffer per datagram of a recvmmsg batch.
+                let mut slices: Vec<IoSliceMut<'_>> =
+                    storage.chunks_mut(SLOT).map(IoSliceMut::new).collect();
                 let mut peek = [0u8; 1];
                 loop {
                     if let Err(e) = readiness.peek_from(&mut peek).await {
@@ -336,8 +341,6 @@ async fn run_shard(
                     }
                     let mut taken = 0;
                     while taken < RECV_BOUND {
-                        let mut slices: Vec<IoSliceMut<'_>> =
-                            storage.chunks_mut(SLOT).map(IoSliceMut::new).collect();
                         let io = sh.io.borrow();
                         let n = match io.state.recv(
                             UdpSockRef::from(&io.socket),
@@ -484,24 +487,6 @@ impl Notify {
             }
         })
         .await
-    }
-}
-
-fn set_udp_gro(socket: &UdpSocket, on: bool) {
-    use std::os::fd::AsRawFd;
-    let v: libc::c_int = on as libc::c_int;
-    // SAFETY: a valid socket fd and a c_int option value that outlives the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_UDP,
-            libc::UDP_GRO,
-            &v as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        warn!(error = %std::io::Error::last_os_error(), "setting UDP_GRO");
     }
 }
 

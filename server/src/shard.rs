@@ -191,7 +191,6 @@ pub struct ShardCore {
     clock: Box<dyn Fn() -> Instant>,
     counters: Counters,
     ticks: TickStats,
-    results: Vec<String>,
     housekeeping_due: Option<Instant>,
 }
 
@@ -240,7 +239,6 @@ impl ShardCore {
             clock,
             counters: Counters::default(),
             ticks: TickStats::default(),
-            results: Vec::new(),
             housekeeping_due: None,
             config,
         }
@@ -290,10 +288,6 @@ impl ShardCore {
     /// A hosted room, for inspection.
     pub fn room(&self, id: RoomId) -> Option<&Room> {
         self.room_index.get(&id).map(|&i| &self.rooms[i])
-    }
-    /// Final results of rooms closed so far, one line each.
-    pub fn closed_room_results(&self) -> &[String] {
-        &self.results
     }
     /// Bytes held for snapshot deltas across all rooms.
     pub fn history_bytes(&self) -> usize {
@@ -1274,14 +1268,13 @@ impl ShardCore {
             if let Some(moved) = self.rooms.get(i) {
                 self.room_index.insert(moved.id(), i);
             }
-            let line = format!(
-                "room {} ({}) closed after {} ticks",
-                room.id(),
-                room.mode().name,
-                room.tick_number().0
+            info!(
+                shard = self.config.shard.0,
+                room = %room.id(),
+                mode = room.mode().name,
+                ticks = room.tick_number().0,
+                "empty room closed"
             );
-            info!(shard = self.config.shard.0, "{line}");
-            self.results.push(line);
             self.counters.rooms_closed += 1;
             self.directory_dirty = true;
         }

@@ -84,7 +84,8 @@ pub struct Counters {
     pub refused: u64,
     /// Sessions that completed hello.
     pub sessions: u64,
-    /// Connections closed by the server for bad input, by reason code.
+    /// Connections the server closed for bad input (any close code but normal end,
+    /// shutdown, drain and kick).
     pub closed_for_bad_input: u64,
     /// QUIC datagrams from clients that failed verification.
     pub malformed_datagrams: u64,

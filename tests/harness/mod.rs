@@ -39,6 +39,7 @@ pub struct NetConfig {
     pub down: Link,
     pub hello_timeout: Duration,
     pub empty_room_grace: Duration,
+    pub max_connections: usize,
 }
 
 impl Default for NetConfig {
@@ -52,6 +53,7 @@ impl Default for NetConfig {
             down: CLEAN,
             hello_timeout: Duration::from_secs(5),
             empty_room_grace: Duration::from_secs(5),
+            max_connections: 10_000,
         }
     }
 }
@@ -70,9 +72,8 @@ enum Dest {
     Client(usize),
 }
 
+/// A datagram on its way; the queue orders them by (delivery time, send order).
 struct InFlight {
-    at: Instant,
-    seq: u64,
     dest: Dest,
     from: SocketAddr,
     data: Vec<u8>,
@@ -146,7 +147,7 @@ impl Net {
                         shards: config.shards,
                         modes: builtin_modes(config.capacity, config.tick_rate),
                         server_config: server_config.clone(),
-                        max_connections: 10_000,
+                        max_connections: config.max_connections,
                         hello_timeout: config.hello_timeout,
                         empty_room_grace: config.empty_room_grace,
                         max_datagram: 1100,
@@ -265,8 +266,6 @@ impl Net {
             self.flights.insert(
                 seq,
                 InFlight {
-                    at,
-                    seq,
                     dest,
                     from,
                     data: data.to_vec(),
