@@ -13,15 +13,15 @@ use std::time::{Duration, Instant};
 type Held = Reverse<(Instant, u64, Vec<u8>, SocketAddr)>;
 
 /// Datagrams held back by a link conditioner until their delivery time.
-struct Delayed {
-    conditioner: Conditioner,
+pub(crate) struct Delayed {
+    pub(crate) conditioner: Conditioner,
     queue: BinaryHeap<Held>,
     seq: u64,
     delays: Vec<Duration>,
 }
 
 impl Delayed {
-    fn new(link: Link, seed: u64) -> Self {
+    pub(crate) fn new(link: Link, seed: u64) -> Self {
         Delayed {
             conditioner: Conditioner::new(link, seed),
             queue: BinaryHeap::new(),
@@ -30,7 +30,7 @@ impl Delayed {
         }
     }
 
-    fn push(&mut self, now: Instant, data: &[u8], addr: SocketAddr) {
+    pub(crate) fn push(&mut self, now: Instant, data: &[u8], addr: SocketAddr) {
         self.conditioner.decide(&mut self.delays);
         for d in &self.delays {
             self.seq += 1;
@@ -39,7 +39,12 @@ impl Delayed {
         }
     }
 
-    fn pop_due(&mut self, now: Instant) -> Option<(Vec<u8>, SocketAddr)> {
+    /// When the next held datagram is due.
+    pub(crate) fn next_due(&self) -> Option<Instant> {
+        self.queue.peek().map(|Reverse((at, ..))| *at)
+    }
+
+    pub(crate) fn pop_due(&mut self, now: Instant) -> Option<(Vec<u8>, SocketAddr)> {
         if self
             .queue
             .peek()

@@ -38,20 +38,27 @@
 //! println!("I am at {:?}", c.client.own_entity().map(|e| (e.x(), e.y())));
 //! ```
 
+pub mod behavior;
+pub mod check;
 pub mod drive;
 pub mod link;
+pub mod swarm;
 pub mod trust;
 
+pub use behavior::{Action, Behavior, Brain};
+pub use check::MovementCheck;
 pub use link::{Conditioner, Link};
 pub use trust::Trust;
 
 use bytes::{Bytes, BytesMut};
 use flatbuffers::FlatBufferBuilder;
 use quinn_proto::{
-    ClientConfig as QuicClientConfig, ConnectionHandle, DatagramEvent, Dir, Endpoint,
-    EndpointConfig, Event, StreamEvent, StreamId, Transmit, TransportConfig, VarInt,
+    ClientConfig as QuicClientConfig, ConnectionHandle, ConnectionId, ConnectionIdGenerator,
+    DatagramEvent, Dir, Endpoint, EndpointConfig, Event, StreamEvent, StreamId, Transmit,
+    TransportConfig, VarInt,
 };
-use std::collections::{BTreeMap, VecDeque};
+use rand::{RngCore, SeedableRng};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -63,6 +70,55 @@ use tickshard_schema::{
 /// How many reconstructed snapshots the client keeps as possible delta baselines. The server
 /// keeps 16; keeping more means the client always holds whatever baseline the server picks.
 pub const CLIENT_HISTORY: usize = 32;
+
+/// Length of the connection IDs a client issues.
+pub const CLIENT_CID_LEN: usize = 8;
+
+/// Inputs remembered for input-to-acknowledgement latency (by sequence number modulo this).
+const SENT_RING: usize = 64;
+
+/// Issues client connection IDs that start with a 4-byte tag (little-endian), then 4 random
+/// bytes. Many clients can then share one UDP socket: the server addresses each client's
+/// packets to one of its IDs, and [`cid_tag`] reads the tag back to find the client.
+struct TaggedCidGenerator {
+    tag: u32,
+    rng: rand_chacha::ChaCha8Rng,
+}
+
+impl ConnectionIdGenerator for TaggedCidGenerator {
+    fn generate_cid(&mut self) -> ConnectionId {
+        let mut b = [0u8; CLIENT_CID_LEN];
+        b[..4].copy_from_slice(&self.tag.to_le_bytes());
+        self.rng.fill_bytes(&mut b[4..]);
+        ConnectionId::new(&b)
+    }
+
+    fn cid_len(&self) -> usize {
+        CLIENT_CID_LEN
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// The tag of the client a QUIC packet from the server is addressed to, when its destination
+/// connection ID was issued by [`Client::connect_tagged`]. `None` for anything else.
+pub fn cid_tag(packet: &[u8]) -> Option<u32> {
+    let first = *packet.first()?;
+    let cid = if first & 0x80 == 0 {
+        // Short header: the destination ID follows the first byte; its length is ours.
+        packet.get(1..1 + CLIENT_CID_LEN)?
+    } else {
+        // Long header: version (4 bytes), then the destination ID's length and bytes.
+        let len = *packet.get(5)? as usize;
+        if len != CLIENT_CID_LEN {
+            return None;
+        }
+        packet.get(6..6 + len)?
+    };
+    Some(u32::from_le_bytes(cid[..4].try_into().ok()?))
+}
 
 /// How to reach and trust a server.
 #[derive(Clone)]
@@ -222,6 +278,14 @@ pub enum ClientEvent {
         /// Its size in bytes.
         bytes: usize,
     },
+    /// The server applied our input `seq` (the newest it applied), `latency` after we sent
+    /// it: input-to-acknowledgement latency, as the player feels it.
+    InputApplied {
+        /// The input's sequence number.
+        seq: u32,
+        /// From sending the input to the snapshot saying it was applied.
+        latency: Duration,
+    },
     /// The connection ended.
     Closed(CloseReason),
 }
@@ -258,11 +322,14 @@ pub struct Client {
     events: VecDeque<ClientEvent>,
     player_id: u64,
     history: VecDeque<(u32, Vec<EntityState>)>,
+    spare: Vec<EntityState>,
+    sent_at: [(u32, Option<Instant>); SENT_RING],
     latest: u32,
     last_applied: u32,
     next_seq: u32,
     client_tick: u32,
     unconfirmed: VecDeque<InputCmd>,
+    last_input: Option<Bytes>,
     stats: ClientStats,
     record: bool,
     hello: ControlMsg,
@@ -276,7 +343,32 @@ impl Client {
         server: SocketAddr,
         seed: Option<[u8; 32]>,
     ) -> Result<Self, ConnectError> {
-        let mut endpoint = Endpoint::new(Arc::new(EndpointConfig::default()), None, true, seed);
+        Self::connect_tagged(now, config, server, seed, None)
+    }
+
+    /// Like [`Client::connect`], but every connection ID this client issues starts with
+    /// `tag`, so that many clients can share one UDP socket: [`cid_tag`] tells which client a
+    /// datagram is for.
+    pub fn connect_tagged(
+        now: Instant,
+        config: &ClientConfig,
+        server: SocketAddr,
+        seed: Option<[u8; 32]>,
+        tag: Option<u32>,
+    ) -> Result<Self, ConnectError> {
+        let mut endpoint_config = EndpointConfig::default();
+        if let Some(tag) = tag {
+            let rng_seed = seed.map_or_else(rand::random, |s| {
+                u64::from_le_bytes(s[..8].try_into().expect("8 bytes")) ^ u64::from(tag)
+            });
+            endpoint_config.cid_generator(move || {
+                Box::new(TaggedCidGenerator {
+                    tag,
+                    rng: rand_chacha::ChaCha8Rng::seed_from_u64(rng_seed),
+                })
+            });
+        }
+        let mut endpoint = Endpoint::new(Arc::new(endpoint_config), None, true, seed);
         let (ch, conn) = endpoint.connect(now, config.quic.clone(), server, &config.server_name)?;
         let mut c = Client {
             endpoint,
@@ -292,11 +384,14 @@ impl Client {
             events: VecDeque::new(),
             player_id: 0,
             history: VecDeque::with_capacity(CLIENT_HISTORY),
+            spare: Vec::new(),
+            sent_at: [(0, None); SENT_RING],
             latest: 0,
             last_applied: 0,
             next_seq: 1,
             client_tick: 0,
             unconfirmed: VecDeque::with_capacity(MAX_INPUT_REDUNDANCY),
+            last_input: None,
             stats: ClientStats::default(),
             record: false,
             hello: ControlMsg::Hello {
@@ -406,7 +501,7 @@ impl Client {
     /// Returns the command's sequence number.
     pub fn send_input(
         &mut self,
-        _now: Instant,
+        now: Instant,
         move_x: i8,
         move_y: i8,
         buttons: u8,
@@ -414,6 +509,7 @@ impl Client {
     ) -> u32 {
         let seq = self.next_seq;
         self.next_seq += 1;
+        self.sent_at[seq as usize % SENT_RING] = (seq, Some(now));
         self.client_tick += 1;
         while self
             .unconfirmed
@@ -438,10 +534,21 @@ impl Client {
             d.cmds[i] = *c;
         }
         let bytes = Bytes::copy_from_slice(d.encode(&mut self.fbb));
+        self.last_input = Some(bytes.clone());
         if self.conn.datagrams().send(bytes, true).is_ok() {
             self.stats.inputs_sent += 1;
         }
         seq
+    }
+
+    /// Sends the previous input datagram again, byte for byte (the server must ignore the
+    /// duplicate commands). Does nothing before the first input.
+    pub fn resend_last_input(&mut self) {
+        if let Some(bytes) = self.last_input.clone() {
+            if self.conn.datagrams().send(bytes, true).is_ok() {
+                self.stats.inputs_sent += 1;
+            }
+        }
     }
 
     /// Sends one control message as is, whatever the session state (testing the server).
@@ -552,7 +659,7 @@ impl Client {
                 Event::Stream(StreamEvent::Writable { .. }) => self.flush_backlog(),
                 Event::DatagramReceived => {
                     while let Some(d) = self.conn.datagrams().recv() {
-                        self.on_snapshot(&d);
+                        self.on_snapshot(now, &d);
                     }
                 }
                 Event::ConnectionLost { reason } => {
@@ -573,7 +680,6 @@ impl Client {
                 _ => {}
             }
         }
-        let _ = now;
         self.drive_endpoint();
     }
 
@@ -685,7 +791,7 @@ impl Client {
         self.events.push_back(ev);
     }
 
-    fn on_snapshot(&mut self, data: &[u8]) {
+    fn on_snapshot(&mut self, now: Instant, data: &[u8]) {
         let Ok(s) = decode_snapshot(data) else {
             self.stats.decode_errors += 1;
             return;
@@ -695,33 +801,53 @@ impl Client {
             self.stats.snapshots_late += 1;
             return;
         }
+        // Rebuild the world into a recycled buffer (sorted by entity id): no allocation per
+        // snapshot once the history is full.
         let baseline = s.baseline();
-        let mut state: BTreeMap<u32, EntityState> = if baseline == 0 {
-            BTreeMap::new()
-        } else {
+        let mut state = std::mem::take(&mut self.spare);
+        state.clear();
+        if baseline != 0 {
             match self.history.iter().find(|(t, _)| *t == baseline) {
-                Some((_, st)) => st.iter().map(|e| (e.id(), *e)).collect(),
+                Some((_, st)) => state.extend_from_slice(st),
                 None => {
                     self.stats.decode_errors += 1;
+                    self.spare = state;
                     return;
                 }
             }
-        };
+        }
         if let Some(removed) = s.removed() {
             for id in removed.iter() {
-                state.remove(&id);
+                if let Ok(i) = state.binary_search_by_key(&id, |e| e.id()) {
+                    state.remove(i);
+                }
             }
         }
         if let Some(ents) = s.entities() {
             for e in ents.iter() {
-                state.insert(e.id(), *e);
+                match state.binary_search_by_key(&e.id(), |x| x.id()) {
+                    Ok(i) => state[i] = *e,
+                    Err(i) => state.insert(i, *e),
+                }
             }
         }
         if self.history.len() == CLIENT_HISTORY {
-            self.history.pop_front();
+            if let Some((_, old)) = self.history.pop_front() {
+                self.spare = old;
+            }
         }
-        self.history
-            .push_back((tick, state.into_values().collect()));
+        self.history.push_back((tick, state));
+        let last_input = s.last_input();
+        if last_input > self.last_applied {
+            if let (seq, Some(at)) = self.sent_at[last_input as usize % SENT_RING] {
+                if seq == last_input {
+                    self.events.push_back(ClientEvent::InputApplied {
+                        seq,
+                        latency: now.saturating_duration_since(at),
+                    });
+                }
+            }
+        }
         self.latest = tick;
         self.last_applied = self.last_applied.max(s.last_input());
         self.stats.snapshots += 1;
