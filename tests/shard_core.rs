@@ -713,3 +713,110 @@ fn a_full_shard_refuses_new_connections_and_keeps_its_players() {
     net.play(30, |_, _| Some((0, 0, 0, 0)));
     assert!(net.snapshots(a) - before.0 >= 29 && net.snapshots(b) - before.1 >= 29);
 }
+
+/// Runs swarm brains on harness clients for `ticks` ticks over a lossy link; returns every
+/// action taken, as (tick, bot, action), and the movement checks' (checked, divergences).
+fn bot_actions(
+    seed: u64,
+    behavior: client_sim::Behavior,
+    ticks: u64,
+) -> (Vec<(u64, usize, client_sim::Action)>, u64, u64) {
+    use client_sim::{Action, Brain, MovementCheck};
+    let link = Link {
+        loss: 0.03,
+        latency: Duration::from_millis(20),
+        jitter: Duration::from_millis(8),
+        reorder: 0.02,
+        duplicate: 0.01,
+    };
+    let mut net = Net::new(NetConfig {
+        seed,
+        up: link,
+        down: link,
+        capacity: 8,
+        ..Default::default()
+    });
+    for _ in 0..8 {
+        net.add_client();
+    }
+    net.connect_all(Duration::from_secs(10));
+    join_all(&mut net);
+    let mut brains: Vec<Brain> = (0..8).map(|i| Brain::new(behavior, seed, i)).collect();
+    let mut checks: Vec<MovementCheck> = (0..8)
+        .map(|_| MovementCheck::new(net.config.tick_rate, behavior.exact_movement()))
+        .collect();
+    let mut log = Vec::new();
+    let mut out = Vec::new();
+    let period = Duration::from_secs(1) / net.config.tick_rate as u32;
+    for t in 0..ticks {
+        let now = net.now();
+        for i in 0..8 {
+            let c = &mut net.clients[i].client;
+            if let Some(e) = c.own_entity() {
+                let (x, y, dead) = (
+                    e.x(),
+                    e.y(),
+                    e.flags() & client_sim::behavior::FLAG_DEAD != 0,
+                );
+                checks[i].observe(c.last_applied_input(), x, y, dead);
+            }
+            out.clear();
+            brains[i].act(t, c.world(), c.entity_id(), &mut out);
+            for a in out.drain(..) {
+                match &a {
+                    Action::Input {
+                        move_x,
+                        move_y,
+                        buttons,
+                        aim,
+                    } => {
+                        let seq = c.send_input(now, *move_x, *move_y, *buttons, *aim);
+                        checks[i].sent(seq, *move_x, *move_y);
+                    }
+                    Action::ResendInput => c.resend_last_input(),
+                    Action::Chat(text) => c.chat(text),
+                    Action::Join(room) => c.join(Some(*room), "arena"),
+                    Action::RawDatagram(b) => c.send_raw_datagram(b),
+                }
+                log.push((t, i, a));
+            }
+        }
+        net.run_for(period);
+    }
+    for i in 0..8 {
+        assert!(
+            net.closed(i).is_none(),
+            "{behavior} bot {i} stays connected: {:?}",
+            net.closed(i)
+        );
+    }
+    let checked = checks.iter().map(|c| c.checked).sum();
+    let diverged = checks.iter().map(|c| c.divergences).sum();
+    (log, checked, diverged)
+}
+
+#[test]
+fn the_same_seed_makes_the_same_swarm_actions() {
+    use client_sim::Behavior;
+    // `chase` reacts to what the bot sees, so equal actions also mean equal worlds.
+    let (a, checked, diverged) = bot_actions(11, Behavior::Chase, 240);
+    let (b, _, _) = bot_actions(11, Behavior::Chase, 240);
+    assert!(a.len() >= 8 * 200, "bots acted every tick: {}", a.len());
+    assert_eq!(a, b, "the same seed must give the same actions");
+    let (c, _, _) = bot_actions(12, Behavior::Chase, 240);
+    assert_ne!(a, c, "another seed gives another swarm");
+    assert!(checked > 8 * 150, "movement checked: {checked}");
+    assert_eq!(diverged, 0, "bots' movement follows their commands");
+}
+
+#[test]
+fn every_behaviour_is_tolerated_and_moves_as_commanded() {
+    use client_sim::Behavior;
+    for behavior in Behavior::ALL {
+        let (a, checked, diverged) = bot_actions(5, behavior, 150);
+        let (b, _, _) = bot_actions(5, behavior, 150);
+        assert_eq!(a, b, "{behavior}: the same seed must give the same actions");
+        assert!(checked > 8 * 80, "{behavior}: movement checked {checked}");
+        assert_eq!(diverged, 0, "{behavior}: movement diverged");
+    }
+}

@@ -512,10 +512,15 @@ impl<'a> Loop<'a> {
         // The end: close every connection politely.
         let now = Instant::now();
         for i in 0..self.bots.len() {
-            if let Some(c) = &mut self.bots[i].client {
+            let b = &mut self.bots[i];
+            if let Some(c) = &mut b.client {
                 c.close(now);
             }
-            self.bots[i].up = None; // closes go out at once
+            b.r.link_dropped = (
+                b.up.as_ref().map_or(0, |d| d.conditioner.dropped),
+                b.down.as_ref().map_or(0, |d| d.conditioner.dropped),
+            );
+            b.up = None; // closes go out at once
             self.touch(i);
         }
         self.service(now);
@@ -536,10 +541,6 @@ impl<'a> Loop<'a> {
                     b.r.snapshots = st.snapshots;
                     b.r.rtt = c.rtt();
                 }
-                b.r.link_dropped = (
-                    b.up.as_ref().map_or(0, |d| d.conditioner.dropped),
-                    b.down.as_ref().map_or(0, |d| d.conditioner.dropped),
-                );
                 b.r.movement_checked = b.check.checked;
                 b.r.divergences = b.check.divergences;
                 b.r.first_divergence = b.check.first.take();

@@ -15,22 +15,38 @@ use tickshard_schema::{ControlMsg, FrameDecoder};
 /// workspace packages only for their own tests, so the end-to-end tests build `tickshard`
 /// themselves (once per test process; only the binary is left to link).
 pub fn binary(name: &str) -> PathBuf {
-    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    let path = dir.join(name);
+    let release = dir.file_name().is_some_and(|d| d == "release");
+    build(name, release)
+}
+
+/// Path of a workspace binary built with the release profile (swarm tests: a debug build of
+/// the swarm or the server measures the compiler's debug code, not the product).
+pub fn release_binary(name: &str) -> PathBuf {
+    build(name, true)
+}
+
+fn build(name: &str, release: bool) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<(String, bool)>> = std::sync::Mutex::new(Vec::new());
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> → target/
+    let target = exe.parent().unwrap().parent().unwrap().parent().unwrap();
+    let path = target
+        .join(if release { "release" } else { "debug" })
+        .join(name);
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if !built.iter().any(|b| b == name) {
+    if !built.iter().any(|(b, r)| b == name && *r == release) {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--bin", name])
             .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if dir.file_name().is_some_and(|d| d == "release") {
+        if release {
             cmd.arg("--release");
         }
         let status = cmd.status().expect("run cargo build");
         assert!(status.success(), "building {name} failed");
-        built.push(name.to_string());
+        built.push((name.to_string(), release));
     }
     assert!(path.exists(), "{} was not built", path.display());
     path
@@ -55,10 +71,19 @@ impl Drop for Server {
 impl Server {
     /// Starts `tickshard` with `args` on 127.0.0.1, port chosen by the OS.
     pub fn start(name: &str, args: &[&str]) -> Server {
+        Self::start_binary(binary("tickshard"), name, args)
+    }
+
+    /// Like [`Server::start`], with the release build of the server.
+    pub fn start_release(name: &str, args: &[&str]) -> Server {
+        Self::start_binary(release_binary("tickshard"), name, args)
+    }
+
+    fn start_binary(exe: PathBuf, name: &str, args: &[&str]) -> Server {
         let data_dir =
             std::env::temp_dir().join(format!("tickshard-e2e-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&data_dir);
-        let mut child = Command::new(binary("tickshard"))
+        let mut child = Command::new(exe)
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(&data_dir)
             .args(args)
