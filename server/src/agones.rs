@@ -1319,3 +1319,861 @@ fn label_value(raw: &str) -> String {
         .trim_matches(|c: char| !c.is_ascii_alphanumeric())
         .to_owned()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::net::TcpListener;
+
+    /// Longest any one condition is waited for.
+    const WAIT: Duration = Duration::from_secs(5);
+    /// Health interval in tests: short, so pings pile up quickly.
+    const HEALTH: Duration = Duration::from_millis(50);
+
+    /// Polls `condition` until it holds, failing the test after [`WAIT`].
+    fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+        let deadline = Instant::now() + WAIT;
+        while !condition() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A request the fake received.
+    #[derive(Clone, Debug)]
+    struct Recorded {
+        at: Instant,
+        method: String,
+        path: String,
+        body: Value,
+    }
+
+    /// The fake sidecar's GameServer and what it saw.
+    #[derive(Default)]
+    struct FakeState {
+        requests: Vec<Recorded>,
+        state: String,
+        labels: BTreeMap<String, String>,
+        counters: BTreeMap<String, (i64, i64)>,
+        lists: BTreeMap<String, (i64, Vec<String>)>,
+        /// Unreachable: new connections are closed at once, open ones (watches) cut.
+        down: bool,
+        /// Bumped on every GameServer change; watches send an event per bump.
+        version: u64,
+        watchers: usize,
+    }
+
+    struct FakeShared {
+        state: Mutex<FakeState>,
+        changed: Condvar,
+        stop: AtomicBool,
+    }
+
+    impl FakeShared {
+        fn lock(&self) -> MutexGuard<'_, FakeState> {
+            self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        }
+    }
+
+    /// An in-process Agones SDK sidecar speaking the REST contract in the module docs: the
+    /// same paths, methods and proto3 JSON bodies (int64 strictly as strings), the same
+    /// refusals (HTTP 500 with `{"code":2,"message":..}`), a chunked watch stream that
+    /// sends the current GameServer on connect and one event per change, each split over
+    /// two chunks.
+    struct FakeSdk {
+        addr: SocketAddr,
+        shared: Arc<FakeShared>,
+        acceptor: Option<JoinHandle<()>>,
+    }
+
+    impl FakeSdk {
+        fn start() -> FakeSdk {
+            let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+            let addr = listener.local_addr().expect("local addr");
+            let mut state = FakeState {
+                state: "Scheduled".into(),
+                ..FakeState::default()
+            };
+            state.counters.insert(ROOMS.into(), (0, 0));
+            state.counters.insert(PLAYERS.into(), (0, 0));
+            state.lists.insert(ROOMS.into(), (10, Vec::new()));
+            let shared = Arc::new(FakeShared {
+                state: Mutex::new(state),
+                changed: Condvar::new(),
+                stop: AtomicBool::new(false),
+            });
+            let acceptor = {
+                let shared = shared.clone();
+                std::thread::spawn(move || accept_loop(listener, shared))
+            };
+            FakeSdk {
+                addr,
+                shared,
+                acceptor: Some(acceptor),
+            }
+        }
+
+        fn lock(&self) -> MutexGuard<'_, FakeState> {
+            self.shared.lock()
+        }
+
+        fn set_down(&self, down: bool) {
+            self.lock().down = down;
+            self.shared.changed.notify_all();
+        }
+
+        fn set_state(&self, new: &str) {
+            {
+                let mut state = self.lock();
+                state.state = new.into();
+                state.version += 1;
+            }
+            self.shared.changed.notify_all();
+        }
+
+        fn state(&self) -> String {
+            self.lock().state.clone()
+        }
+
+        fn requests_to(&self, method: &str, path: &str) -> Vec<Recorded> {
+            let state = self.lock();
+            let matching = state.requests.iter();
+            matching
+                .filter(|r| r.method == method && r.path == path)
+                .cloned()
+                .collect()
+        }
+
+        fn count(&self, method: &str, path: &str) -> usize {
+            self.requests_to(method, path).len()
+        }
+
+        fn capacity_requests(&self) -> usize {
+            let state = self.lock();
+            let all = state.requests.iter();
+            all.filter(|r| r.path.starts_with("/v1beta1/")).count()
+        }
+
+        fn counter(&self, name: &str) -> (i64, i64) {
+            self.lock().counters[name]
+        }
+
+        fn list(&self, name: &str) -> (i64, Vec<String>) {
+            let (capacity, mut values) = self.lock().lists[name].clone();
+            values.sort();
+            (capacity, values)
+        }
+
+        fn label(&self, key: &str) -> Option<String> {
+            self.lock().labels.get(key).cloned()
+        }
+
+        fn watchers(&self) -> usize {
+            self.lock().watchers
+        }
+    }
+
+    impl Drop for FakeSdk {
+        fn drop(&mut self) {
+            self.shared.stop.store(true, Ordering::Relaxed);
+            self.shared.changed.notify_all();
+            if let Some(acceptor) = self.acceptor.take() {
+                let _ = acceptor.join();
+            }
+        }
+    }
+
+    fn accept_loop(listener: TcpListener, shared: Arc<FakeShared>) {
+        listener.set_nonblocking(true).expect("nonblocking");
+        while !shared.stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((stream, _)) if shared.lock().down => drop(stream),
+                Ok((stream, _)) => {
+                    let shared = shared.clone();
+                    std::thread::spawn(move || serve(stream, &shared));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+    }
+
+    /// Reads one request: method, path and body.
+    fn read_request(stream: &mut TcpStream) -> Option<(String, String, Vec<u8>)> {
+        let mut received = Vec::new();
+        let mut buf = [0u8; 4096];
+        let end = loop {
+            if let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end;
+            }
+            let n = stream.read(&mut buf).ok().filter(|&n| n > 0)?;
+            received.extend_from_slice(&buf[..n]);
+        };
+        let head = std::str::from_utf8(&received[..end]).ok()?.to_owned();
+        let mut lines = head.split("\r\n");
+        let mut request_line = lines.next()?.split(' ');
+        let (method, path) = (request_line.next()?, request_line.next()?);
+        let length = lines
+            .filter_map(|l| l.split_once(':'))
+            .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        let mut body = received.split_off(end + 4);
+        while body.len() < length {
+            let n = stream.read(&mut buf).ok().filter(|&n| n > 0)?;
+            body.extend_from_slice(&buf[..n]);
+        }
+        Some((method.into(), path.into(), body))
+    }
+
+    fn serve(mut stream: TcpStream, shared: &FakeShared) {
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let Some((method, path, body)) = read_request(&mut stream) else {
+            return;
+        };
+        let body = if body.is_empty() {
+            Value::Null
+        } else {
+            match serde_json::from_slice(&body) {
+                Ok(body) => body,
+                Err(_) => return respond(&mut stream, 400, &gateway_error(3, "bad json")),
+            }
+        };
+        let (status, answer) = {
+            let mut state = shared.lock();
+            if state.down {
+                return;
+            }
+            state.requests.push(Recorded {
+                at: Instant::now(),
+                method: method.clone(),
+                path: path.clone(),
+                body: body.clone(),
+            });
+            if (method.as_str(), path.as_str()) == ("GET", "/watch/gameserver") {
+                drop(state);
+                return serve_watch(stream, shared);
+            }
+            let before = state.version;
+            let answer = route(&mut state, &method, &path, &body);
+            if state.version != before {
+                shared.changed.notify_all();
+            }
+            answer
+        };
+        respond(&mut stream, status, &answer);
+    }
+
+    fn respond(stream: &mut TcpStream, status: u16, body: &Value) {
+        let body = body.to_string();
+        let answer = format!(
+            "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = stream.write_all(answer.as_bytes());
+    }
+
+    /// grpc-gateway's error body; Agones' sidecar errors are gRPC Unknown (2), HTTP 500.
+    fn gateway_error(code: u32, message: &str) -> Value {
+        json!({ "code": code, "message": message, "details": [] })
+    }
+
+    fn refuse(message: &str) -> (u16, Value) {
+        (500, gateway_error(2, message))
+    }
+
+    fn game_server(state: &FakeState) -> Value {
+        let counters: serde_json::Map<String, Value> = state
+            .counters
+            .iter()
+            .map(|(name, (count, capacity))| {
+                let value = json!({ "count": count.to_string(), "capacity": capacity.to_string() });
+                (name.clone(), value)
+            })
+            .collect();
+        let lists: serde_json::Map<String, Value> = state
+            .lists
+            .iter()
+            .map(|(name, (capacity, values))| {
+                let value = json!({ "capacity": capacity.to_string(), "values": values });
+                (name.clone(), value)
+            })
+            .collect();
+        json!({
+            "object_meta": { "name": "fake", "namespace": "default", "labels": state.labels },
+            "status": { "state": state.state, "counters": counters, "lists": lists },
+        })
+    }
+
+    /// An optional proto3 JSON int64, strictly as a string.
+    fn int64_field(body: &Value, field: &str) -> Result<Option<i64>, (u16, Value)> {
+        match body.get(field) {
+            None => Ok(None),
+            Some(Value::String(s)) => s
+                .parse()
+                .map(Some)
+                .map_err(|_| (400, gateway_error(3, field))),
+            Some(_) => Err((400, gateway_error(3, "int64 must be a JSON string"))),
+        }
+    }
+
+    fn is_label_value(value: &str) -> bool {
+        let alnum = |c: Option<char>| c.is_none_or(|c| c.is_ascii_alphanumeric());
+        value.len() <= 63
+            && value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && alnum(value.chars().next())
+            && alnum(value.chars().last())
+    }
+
+    fn route(state: &mut FakeState, method: &str, path: &str, body: &Value) -> (u16, Value) {
+        let ok = |value: Value| (200, value);
+        match (method, path) {
+            ("POST", "/ready" | "/health" | "/shutdown") if *body != json!({}) => {
+                (400, gateway_error(3, "body must be {}"))
+            }
+            ("POST", "/ready") => {
+                state.state = "Ready".into();
+                state.version += 1;
+                ok(json!({}))
+            }
+            ("POST", "/health") => ok(json!({})),
+            ("POST", "/shutdown") => {
+                state.state = "Shutdown".into();
+                state.version += 1;
+                ok(json!({}))
+            }
+            ("PUT", "/metadata/label") => {
+                let (Some(key), Some(value)) = (body["key"].as_str(), body["value"].as_str())
+                else {
+                    return (400, gateway_error(3, "key and value are strings"));
+                };
+                if !is_label_value(value) {
+                    return refuse("invalid label value");
+                }
+                state
+                    .labels
+                    .insert(format!("agones.dev/sdk-{key}"), value.into());
+                state.version += 1;
+                ok(json!({}))
+            }
+            ("GET", "/gameserver") => ok(game_server(state)),
+            _ => {
+                if let Some(name) = path.strip_prefix("/v1beta1/counters/") {
+                    route_counter(state, method, name, body)
+                } else if let Some(rest) = path.strip_prefix("/v1beta1/lists/") {
+                    route_list(state, method, rest, body)
+                } else {
+                    (404, gateway_error(5, "Not Found"))
+                }
+            }
+        }
+    }
+
+    fn route_counter(
+        state: &mut FakeState,
+        method: &str,
+        name: &str,
+        body: &Value,
+    ) -> (u16, Value) {
+        let Some(&(count, capacity)) = state.counters.get(name) else {
+            return refuse(&format!("counter not found: {name}"));
+        };
+        let answer = |count: i64, capacity: i64| json!({ "name": name, "count": count.to_string(), "capacity": capacity.to_string() });
+        match method {
+            "GET" => (200, answer(count, capacity)),
+            "PATCH" => {
+                let fields = ["capacity", "count", "countDiff"].map(|f| int64_field(body, f));
+                let [new_capacity, new_count, diff] = match fields {
+                    [Ok(a), Ok(b), Ok(c)] => [a, b, c],
+                    [Err(e), ..] | [_, Err(e), _] | [.., Err(e)] => return e,
+                };
+                if new_capacity.is_none() && new_count.is_none() && diff.unwrap_or(0) == 0 {
+                    return refuse("invalid argument. Malformed CounterUpdateRequest");
+                }
+                // As the sidecar: capacity first, then the count checked against it.
+                let capacity = new_capacity.unwrap_or(capacity);
+                let count = new_count.unwrap_or(count) + diff.unwrap_or(0);
+                if capacity < 0 || count < 0 || count > capacity {
+                    return refuse("out of range. Count must be within range [0,Capacity]");
+                }
+                state.counters.insert(name.into(), (count, capacity));
+                state.version += 1;
+                (200, answer(count, capacity))
+            }
+            _ => (405, gateway_error(12, "Method Not Allowed")),
+        }
+    }
+
+    fn route_list(state: &mut FakeState, method: &str, rest: &str, body: &Value) -> (u16, Value) {
+        let (name, verb) = rest.split_once(':').unwrap_or((rest, ""));
+        let Some((capacity, values)) = state.lists.get_mut(name) else {
+            return refuse(&format!("list not found: {name}"));
+        };
+        match (method, verb) {
+            ("GET", "") => {}
+            ("PATCH", "") => {
+                let new_capacity = match int64_field(body, "capacity") {
+                    Ok(c) => c,
+                    Err(e) => return e,
+                };
+                if let Some(c) = new_capacity {
+                    if !(0..=1000).contains(&c) {
+                        return refuse("out of range. Capacity must be within range [0,1000]");
+                    }
+                    *capacity = c;
+                }
+                if let Some(new_values) = body.get("values").and_then(Value::as_array) {
+                    *values = new_values
+                        .iter()
+                        .filter_map(|v| v.as_str().map(str::to_owned))
+                        .collect();
+                }
+                values.truncate(usize::try_from(*capacity).unwrap_or(0));
+            }
+            ("POST", "addValue" | "removeValue") => {
+                let Some(value) = body.get("value").and_then(Value::as_str) else {
+                    return (400, gateway_error(3, "value is required"));
+                };
+                let at = values.iter().position(|v| v == value);
+                if verb == "addValue" {
+                    if values.len() as i64 >= *capacity {
+                        return refuse("out of range. No available capacity");
+                    }
+                    if at.is_some() {
+                        return refuse(&format!("already exists. Value: {value}"));
+                    }
+                    values.push(value.into());
+                } else {
+                    let Some(at) = at else {
+                        return refuse(&format!("not found. Value: {value}"));
+                    };
+                    values.remove(at);
+                }
+            }
+            _ => return (405, gateway_error(12, "Method Not Allowed")),
+        }
+        let mut answer = json!({ "name": name, "capacity": capacity.to_string() });
+        // proto3 JSON leaves out an empty repeated field.
+        if !values.is_empty() {
+            answer["values"] = json!(values);
+        }
+        if method != "GET" {
+            state.version += 1;
+        }
+        (200, answer)
+    }
+
+    /// Streams `{"result":{GameServer}}` lines, chunked, until the fake goes down or stops.
+    fn serve_watch(mut stream: TcpStream, shared: &FakeShared) {
+        let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+        if stream.write_all(head.as_bytes()).is_err() {
+            return;
+        }
+        let (mut seen, mut event) = {
+            let mut state = shared.lock();
+            state.watchers += 1;
+            (
+                state.version,
+                Some(json!({ "result": game_server(&state) })),
+            )
+        };
+        loop {
+            if let Some(event) = event.take() {
+                let line = format!("{event}\n");
+                let (a, b) = line.split_at(line.len() / 2);
+                let chunks = format!("{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n", a.len(), b.len());
+                if stream.write_all(chunks.as_bytes()).is_err() {
+                    break;
+                }
+            }
+            let state = shared.lock();
+            let (state, _) = shared
+                .changed
+                .wait_timeout_while(state, Duration::from_millis(20), |s| {
+                    s.version == seen && !s.down && !shared.stop.load(Ordering::Relaxed)
+                })
+                .unwrap_or_else(PoisonError::into_inner);
+            if state.down || shared.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            if state.version != seen {
+                seen = state.version;
+                event = Some(json!({ "result": game_server(&state) }));
+            }
+        }
+        shared.lock().watchers -= 1;
+        // Dropping the stream cuts the watch without a last chunk, like a dying sidecar.
+    }
+
+    fn start(fake: &FakeSdk, version: &str) -> Agones {
+        let config = AgonesConfig {
+            sdk_addr: fake.addr,
+            health_interval: HEALTH,
+        };
+        Agones::start(config, version)
+    }
+
+    fn capacity(room_ids: &[&str], players: u64) -> Capacity {
+        Capacity {
+            rooms: room_ids.len() as u64,
+            rooms_capacity: 8,
+            players,
+            players_capacity: 64,
+            room_ids: room_ids.iter().map(|id| id.to_string()).collect(),
+        }
+    }
+
+    fn ids(ids: &[&str]) -> Vec<String> {
+        ids.iter().map(|id| id.to_string()).collect()
+    }
+
+    #[test]
+    fn ready_marks_ready_labels_the_version_and_pings_health() {
+        let fake = FakeSdk::start();
+        let agones = start(&fake, "0.1.0+dev build");
+        agones.ready();
+        wait_until("the sidecar holds Ready", || fake.state() == "Ready");
+        wait_until("the version label is set", || {
+            fake.label("agones.dev/sdk-tickshard-version").as_deref() == Some("0.1.0-dev-build")
+        });
+        wait_until("five health pings", || fake.count("POST", "/health") >= 5);
+        wait_until("the client saw Ready", || {
+            agones.status().state.as_deref() == Some("Ready")
+        });
+
+        let ready = fake.requests_to("POST", "/ready");
+        assert_eq!(ready.len(), 1, "Ready is sent once when it lands");
+        assert_eq!(ready[0].body, json!({}));
+        let health = fake.requests_to("POST", "/health");
+        assert!(health.iter().all(|r| r.body == json!({})));
+        let span = health[health.len() - 1].at - health[0].at;
+        let most = span.as_millis() / HEALTH.as_millis() + 2;
+        assert!(
+            health.len() as u128 <= most,
+            "{} health pings in {span:?}: faster than the interval",
+            health.len()
+        );
+        let status = agones.status();
+        assert!(status.reachable);
+        assert!(!status.allocated && !agones.is_allocated());
+        assert_eq!(status.requests_failed, 0, "{:?}", status.last_error);
+        assert!(status.requests_ok >= 7);
+    }
+
+    #[test]
+    fn capacity_lands_as_counters_and_the_room_list_then_converges() {
+        let fake = FakeSdk::start();
+        let agones = start(&fake, "v1");
+        agones.set_capacity(capacity(&["r1", "r2"], 5));
+        wait_until("counters and list hold the first capacity", || {
+            fake.counter(ROOMS) == (2, 8)
+                && fake.counter(PLAYERS) == (5, 64)
+                && fake.list(ROOMS) == (8, ids(&["r1", "r2"]))
+        });
+        let patch = fake.requests_to("PATCH", "/v1beta1/counters/rooms");
+        assert_eq!(patch[0].body, json!({ "count": "2", "capacity": "8" }));
+
+        // A room closes, another opens, players come and go: the latest value wins.
+        for players in 0..=40 {
+            agones.set_capacity(capacity(&["r2", "r3"], players));
+        }
+        wait_until("the second capacity converges", || {
+            fake.counter(ROOMS) == (2, 8)
+                && fake.counter(PLAYERS) == (40, 64)
+                && fake.list(ROOMS) == (8, ids(&["r2", "r3"]))
+        });
+        assert_eq!(fake.count("POST", "/v1beta1/lists/rooms:removeValue"), 1);
+
+        // Nothing changed: nothing is sent.
+        std::thread::sleep(Duration::from_millis(100));
+        let before = fake.capacity_requests();
+        agones.set_capacity(capacity(&["r3", "r2"], 40));
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(fake.capacity_requests(), before);
+        assert_eq!(
+            agones.status().requests_failed,
+            0,
+            "{:?}",
+            agones.status().last_error
+        );
+    }
+
+    #[test]
+    fn watch_reports_allocation_from_the_stream() {
+        let fake = FakeSdk::start();
+        let agones = start(&fake, "v1");
+        wait_until("the watch is open and the state known", || {
+            fake.watchers() == 1 && agones.status().state.as_deref() == Some("Scheduled")
+        });
+        let gets = fake.count("GET", "/gameserver");
+        fake.set_state("Allocated");
+        wait_until("the client sees the allocation", || agones.is_allocated());
+        assert_eq!(
+            fake.count("GET", "/gameserver"),
+            gets,
+            "learnt from the stream"
+        );
+        let status = agones.status();
+        assert_eq!(status.state.as_deref(), Some("Allocated"));
+        assert!(status.allocated);
+    }
+
+    #[test]
+    fn sdk_outages_cost_callers_nothing_and_requests_land_after() {
+        let fake = FakeSdk::start();
+        fake.set_down(true);
+        let agones = start(&fake, "v1");
+        let call = Instant::now();
+        agones.ready();
+        agones.set_capacity(capacity(&["a"], 1));
+        assert!(
+            call.elapsed() < Duration::from_millis(50),
+            "{:?}",
+            call.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        let during = agones.status();
+        assert!(!during.reachable);
+        assert!(during.requests_failed > 0);
+        assert!(during.last_error.is_some());
+        assert!(fake.lock().requests.is_empty());
+
+        // The sidecar comes up late: everything asked for lands.
+        fake.set_down(false);
+        wait_until("Ready and capacity land", || {
+            fake.state() == "Ready"
+                && fake.counter(ROOMS) == (1, 8)
+                && fake.list(ROOMS) == (8, ids(&["a"]))
+        });
+        wait_until("the client is back and watching", || {
+            agones.status().reachable && fake.watchers() == 1
+        });
+
+        // An outage mid-run cuts the watch; it comes back by itself.
+        fake.set_down(true);
+        std::thread::sleep(Duration::from_millis(50));
+        let call = Instant::now();
+        agones.set_capacity(capacity(&["a", "b"], 2));
+        assert!(
+            call.elapsed() < Duration::from_millis(50),
+            "{:?}",
+            call.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(agones.status().requests_failed > during.requests_failed);
+        fake.set_down(false);
+        wait_until("the new capacity lands", || {
+            fake.list(ROOMS) == (8, ids(&["a", "b"])) && fake.counter(PLAYERS) == (2, 64)
+        });
+        wait_until("the watch reconnects", || fake.watchers() == 1);
+        fake.set_state("Allocated");
+        wait_until("the allocation is seen", || agones.is_allocated());
+    }
+
+    #[test]
+    fn shutdown_asks_the_sidecar_to_shut_down() {
+        let fake = FakeSdk::start();
+        let agones = start(&fake, "v1");
+        agones.shutdown();
+        wait_until("the sidecar is shut down", || fake.state() == "Shutdown");
+        let shutdown = fake.requests_to("POST", "/shutdown");
+        assert_eq!(shutdown.len(), 1);
+        assert_eq!(shutdown[0].body, json!({}));
+        wait_until("the client saw Shutdown", || {
+            agones.status().state.as_deref() == Some("Shutdown")
+        });
+    }
+
+    #[test]
+    fn drop_returns_promptly_while_the_sdk_is_unreachable() {
+        // A listener that never accepts: connections wait in its backlog, answers never come.
+        let silent = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        // A port nobody listens on: connections are refused.
+        let refused = {
+            let probe = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+            probe.local_addr().expect("addr")
+        };
+        // A sidecar that closes every connection at once.
+        let closing = FakeSdk::start();
+        closing.set_down(true);
+        for sdk_addr in [silent.local_addr().expect("addr"), refused, closing.addr] {
+            let config = AgonesConfig {
+                sdk_addr,
+                health_interval: HEALTH,
+            };
+            let agones = Agones::start(config, "v1");
+            agones.ready();
+            agones.set_capacity(capacity(&["a"], 1));
+            std::thread::sleep(Duration::from_millis(300));
+            let dropping = Instant::now();
+            drop(agones);
+            let took = dropping.elapsed();
+            assert!(
+                took < Duration::from_secs(1),
+                "drop took {took:?} for {sdk_addr}"
+            );
+        }
+    }
+
+    #[test]
+    fn port_variable_parses_or_names_itself() {
+        assert_eq!(from_port_var(None), Ok(None));
+        let config = from_port_var(Some("9358")).expect("valid").expect("set");
+        assert_eq!(config.sdk_addr, "127.0.0.1:9358".parse().expect("addr"));
+        assert_eq!(config.health_interval, DEFAULT_HEALTH_INTERVAL);
+        for garbage in ["", "nine", "0", "65536", "-1", "93 58"] {
+            let error = from_port_var(Some(garbage)).expect_err(garbage);
+            assert!(error.contains(PORT_VAR), "{error}");
+        }
+    }
+
+    #[test]
+    fn chunked_decoder_reassembles_input_split_anywhere() {
+        let wire = b"4\r\nWiki\r\n5;name=value\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nExpires: never\r\n\r\nafter";
+        let mut whole = ChunkedDecoder::default();
+        let mut out = Vec::new();
+        whole.feed(wire, &mut out).expect("valid");
+        assert!(whole.is_done());
+        assert_eq!(out, b"Wikipedia in\r\n\r\nchunks.");
+        let mut bytewise = ChunkedDecoder::default();
+        let mut out = Vec::new();
+        for byte in wire {
+            bytewise
+                .feed(std::slice::from_ref(byte), &mut out)
+                .expect("valid");
+        }
+        assert!(bytewise.is_done());
+        assert_eq!(out, b"Wikipedia in\r\n\r\nchunks.");
+    }
+
+    #[test]
+    fn chunked_decoder_refuses_bad_framing() {
+        for wire in [
+            &b"zz\r\n"[..],
+            b"\r\n",
+            b"3\r\nabcd\r\n",
+            b"ffffffffffffffffffff\r\n",
+        ] {
+            let mut decoder = ChunkedDecoder::default();
+            assert!(decoder.feed(wire, &mut Vec::new()).is_err(), "{wire:?}");
+        }
+        let mut endless = ChunkedDecoder::default();
+        let long = vec![b'1'; ChunkedDecoder::MAX_LINE + 1];
+        assert!(endless.feed(&long, &mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn response_heads_parse_or_fail_cleanly() {
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Le")
+            .expect("ok")
+            .is_none());
+        let (head, used) = parse_head(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+            .expect("ok")
+            .expect("complete");
+        assert_eq!((head.status, used), (200, 38));
+        assert!(matches!(head.framing, Framing::Length(2)));
+        let (head, _) = parse_head(b"HTTP/1.1 500 X\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .expect("ok")
+            .expect("complete");
+        assert_eq!(head.status, 500);
+        assert!(matches!(head.framing, Framing::Chunked(_)));
+        for garbage in [
+            &b"SSH-2.0-OpenSSH\r\n\r\n"[..],
+            b"HTTP/1.1 abc OK\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\n\r\n",
+        ] {
+            assert!(parse_head(garbage).is_err(), "{garbage:?}");
+        }
+        assert!(parse_head(&vec![b'a'; MAX_HEAD + 1]).is_err());
+    }
+
+    #[test]
+    fn lines_join_across_pushes_and_stay_bounded() {
+        let mut lines = Lines::default();
+        let mut seen = Vec::new();
+        let mut collect = |line: &[u8]| {
+            seen.push(String::from_utf8_lossy(line).into_owned());
+            Ok(())
+        };
+        lines.push(b"{\"a\"", &mut collect).expect("ok");
+        lines.push(b":1}\n{\"b\":2}\n{", &mut collect).expect("ok");
+        assert_eq!(seen, ["{\"a\":1}", "{\"b\":2}"]);
+        let mut huge = Lines::default();
+        let mut ignore = |_: &[u8]| Ok(());
+        assert!(huge.push(&vec![b'x'; MAX_BODY + 1], &mut ignore).is_err());
+    }
+
+    #[test]
+    fn watch_events_give_the_state_or_an_error() {
+        let event = br#"{"result":{"object_meta":{"name":"gs"},"status":{"state":"Allocated"}}}"#;
+        assert_eq!(
+            watch_event_state(event).expect("ok").as_deref(),
+            Some("Allocated")
+        );
+        assert_eq!(watch_event_state(b"  \r").expect("ok"), None);
+        let error = br#"{"error":{"grpc_code":14,"http_code":503,"message":"gone"}}"#;
+        assert!(matches!(
+            watch_event_state(error),
+            Err(RequestError::Rejected { status: 503, .. })
+        ));
+        assert!(watch_event_state(b"{not json").is_err());
+    }
+
+    #[test]
+    fn label_values_follow_kubernetes_rules() {
+        assert_eq!(label_value("0.1.0+dev build"), "0.1.0-dev-build");
+        assert_eq!(label_value("-v1.2_"), "v1.2");
+        assert_eq!(label_value("+++"), "");
+        assert_eq!(label_value("ünï"), "n");
+        let long = label_value(&"a".repeat(100));
+        assert_eq!(long.len(), 63);
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap() {
+        let mut backoff = Backoff::default();
+        let delays: Vec<u64> = (0..9).map(|_| backoff.next().as_millis() as u64).collect();
+        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
+        backoff.reset();
+        assert_eq!(backoff.next(), BACKOFF_MIN);
+    }
+
+    #[test]
+    fn published_capacity_fits_what_the_sidecar_accepts() {
+        let over = Capacity {
+            rooms: 9,
+            rooms_capacity: 4,
+            players: 3,
+            players_capacity: 2,
+            room_ids: (0..1200)
+                .map(|i| format!("r{i}"))
+                .chain(["r1".into()])
+                .collect(),
+        };
+        let published = Published::of(&over);
+        assert_eq!(
+            published.rooms,
+            CounterValue {
+                count: 4,
+                capacity: 4
+            }
+        );
+        assert_eq!(
+            published.players,
+            CounterValue {
+                count: 2,
+                capacity: 2
+            }
+        );
+        assert_eq!(published.room_list.values.len(), 1000);
+        assert_eq!(published.room_list.capacity, 1000);
+        let few = Published::of(&capacity(&["b", "a", "b"], 0));
+        assert_eq!(few.room_list.capacity, 8);
+        assert_eq!(few.room_list.values.len(), 2);
+    }
+}
