@@ -23,7 +23,10 @@
 //! - [`cid`]: connection IDs that name their shard; [`net`]: sockets and kernel steering.
 //! - [`tls`]: certificates and QUIC configuration; [`stats`]: counters and histograms.
 //! - [`runtime`]: the thin glommio layer that runs shards on cores.
+//! - [`agones`]: the Agones SDK client (health, Ready, capacity, allocation, shutdown) on
+//!   threads of its own, used when `AGONES_SDK_HTTP_PORT` is set.
 
+pub mod agones;
 pub mod arena;
 pub mod cid;
 pub mod config;
