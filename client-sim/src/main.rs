@@ -229,6 +229,7 @@ struct Steady {
     to: Instant,
     swarm_cpu: Duration,
     seated: u64,
+    bytes: (u64, u64),
     server: Option<(Duration, u64, u64)>, // cpu, rss at start of run, rss at end
 }
 
@@ -368,6 +369,10 @@ fn watch(
                 to: now,
                 swarm_cpu: process_cpu(),
                 seated: progress.sum(|t| &t.connected) - progress.sum(|t| &t.disconnected),
+                bytes: (
+                    progress.sum(|t| &t.bytes_in),
+                    progress.sum(|t| &t.bytes_out),
+                ),
                 server: a.server_pid.and_then(proc_usage).map(|u| (u.0, u.1, u.1)),
             });
         }
@@ -375,6 +380,10 @@ fn watch(
             if st.to == st.from && now >= steady_to {
                 st.to = now;
                 st.swarm_cpu = process_cpu().saturating_sub(st.swarm_cpu);
+                st.bytes = (
+                    progress.sum(|t| &t.bytes_in) - st.bytes.0,
+                    progress.sum(|t| &t.bytes_out) - st.bytes.1,
+                );
                 if let (Some((cpu0, rss0, _)), Some((cpu1, rss1))) =
                     (st.server, a.server_pid.and_then(proc_usage))
                 {
@@ -464,6 +473,7 @@ fn report(
     let late = sum(&|b| b.late_snapshots);
     let divergences = sum(&|b| b.divergences);
     let checked = sum(&|b| b.movement_checked);
+    let skipped = sum(&|b| b.skipped_commands);
     let drain_notices = sum(&|b| b.drain_notices);
     let snaps = sum(&|b| b.snapshots);
     let snap_bytes = sum(&|b| b.snapshot_bytes);
@@ -505,6 +515,8 @@ fn report(
             "players": s.seated,
             "swarm_cpu_seconds": s.swarm_cpu.as_secs_f64(),
             "swarm_cpu_us_per_bot_tick": if bot_ticks > 0.0 { s.swarm_cpu.as_secs_f64() * 1e6 / bot_ticks } else { 0.0 },
+            "bytes_in_per_player_per_s": s.bytes.0 as f64 / (s.seated.max(1) as f64 * window),
+            "bytes_out_per_player_per_s": s.bytes.1 as f64 / (s.seated.max(1) as f64 * window),
         });
         if let Some((cpu, _, rss_end)) = s.server {
             v["server_cpu_seconds"] = json!(cpu.as_secs_f64());
@@ -574,7 +586,9 @@ fn report(
         }
     );
     println!("  decode errors {decode_errors}, snapshots arriving after a newer one {late}");
-    println!("  own movement checked {checked} times: {divergences} divergences");
+    println!(
+        "  own movement checked {checked} times: {divergences} divergences, {skipped} commands skipped by the server"
+    );
     if let Some(d) = &first_divergence {
         println!("    first: {d}");
     }
@@ -593,9 +607,11 @@ fn report(
     }
     if let Some(s) = &steady_json {
         println!(
-            "  steady phase {:.1} s, {} players: swarm CPU {:.2} µs per bot-tick",
+            "  steady phase {:.1} s, {} players: {:.0} bytes in and {:.0} out per player per second; swarm CPU {:.2} µs per bot-tick",
             s["seconds"].as_f64().unwrap_or(0.0),
             s["players"],
+            s["bytes_in_per_player_per_s"].as_f64().unwrap_or(0.0),
+            s["bytes_out_per_player_per_s"].as_f64().unwrap_or(0.0),
             s["swarm_cpu_us_per_bot_tick"].as_f64().unwrap_or(0.0)
         );
         if let Some(c) = s.get("server_cpu_us_per_player_tick") {
@@ -636,6 +652,7 @@ fn report(
             "late_snapshots": late,
             "movement_checked": checked,
             "divergences": divergences,
+            "commands_skipped_by_server": skipped,
             "first_divergence": first_divergence,
             "server_errors_by_code": errors_by.iter().map(|(c, n)| (c.to_string(), *n)).collect::<BTreeMap<_, _>>(),
             "drain_notices": drain_notices,

@@ -74,6 +74,10 @@ pub struct ThreadProgress {
     pub snapshots: AtomicU64,
     /// Error messages, decode errors and divergences.
     pub errors: AtomicU64,
+    /// UDP bytes received.
+    pub bytes_in: AtomicU64,
+    /// UDP bytes sent.
+    pub bytes_out: AtomicU64,
     /// RTT p50 over this thread's seated bots, µs.
     pub rtt_p50_us: AtomicU64,
     /// RTT p99 over this thread's seated bots, µs.
@@ -135,6 +139,8 @@ pub struct BotResult {
     pub movement_checked: u64,
     /// Observations that diverged from its commands.
     pub divergences: u64,
+    /// Commands the server skipped (a full input queue), inferred from replays.
+    pub skipped_commands: u64,
     /// The first divergence.
     pub first_divergence: Option<String>,
     /// Snapshots that failed to decode or named a missing baseline.
@@ -543,6 +549,7 @@ impl<'a> Loop<'a> {
                 }
                 b.r.movement_checked = b.check.checked;
                 b.r.divergences = b.check.divergences;
+                b.r.skipped_commands = b.check.skipped;
                 b.r.first_divergence = b.check.first.take();
                 b.r
             })
@@ -682,6 +689,7 @@ impl<'a> Loop<'a> {
     fn publish(&mut self) {
         let (mut started, mut connected, mut failed, mut disc, mut snaps, mut errs) =
             (0, 0, 0, 0, 0, 0);
+        let (mut bytes_in, mut bytes_out) = (0, 0);
         let mut rtts: Vec<u64> = Vec::new();
         for b in &self.bots {
             started += b.r.started.is_some() as u64;
@@ -689,6 +697,8 @@ impl<'a> Loop<'a> {
             failed += (b.r.joined.is_none() && b.r.ended.is_some()) as u64;
             disc += (b.r.joined.is_some() && b.r.ended.is_some()) as u64;
             snaps += b.r.snapshots_in_room;
+            bytes_in += b.r.bytes_in;
+            bytes_out += b.r.bytes_out;
             errs += b.r.errors.values().sum::<u64>() + b.check.divergences;
             if let Some(c) = &b.client {
                 errs += c.stats().decode_errors;
@@ -709,6 +719,8 @@ impl<'a> Loop<'a> {
         s.failed.store(failed, Relaxed);
         s.disconnected.store(disc, Relaxed);
         s.snapshots.store(snaps, Relaxed);
+        s.bytes_in.store(bytes_in, Relaxed);
+        s.bytes_out.store(bytes_out, Relaxed);
         s.errors.store(errs, Relaxed);
         s.rtt_p50_us.store(pct(0.5), Relaxed);
         s.rtt_p99_us.store(pct(0.99), Relaxed);
