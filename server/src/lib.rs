@@ -22,15 +22,21 @@
 //! - [`mesh`]: messages between shards.
 //! - [`cid`]: connection IDs that name their shard; [`net`]: sockets and kernel steering.
 //! - [`tls`]: certificates and QUIC configuration; [`stats`]: counters and histograms.
-//! - [`runtime`]: the thin glommio layer that runs shards on cores.
+//! - [`runtime`]: the thin glommio layer that runs shards on cores, and the supervisor
+//!   (signals, drain, results file, fleet hook).
+//! - [`ops`]: reports, operator commands, drain state, room results; [`admin`]: the admin
+//!   HTTP thread (metrics, status, actions); [`config`]: settings from flags, env and TOML.
 
+pub mod admin;
 pub mod arena;
 pub mod cid;
 pub mod config;
+pub mod ctl;
 pub mod game;
 pub mod ids;
 pub mod mesh;
 pub mod net;
+pub mod ops;
 pub mod room;
 pub mod runtime;
 pub mod shard;
