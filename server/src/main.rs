@@ -28,7 +28,7 @@ struct Cli {
 enum Cmd {
     /// Serve (the default). Every setting is also an environment variable TICKSHARD_<NAME>
     /// and a key in the TOML file of --config; flags win over env, env over the file.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Fleet tools over the admin HTTP endpoint.
     Ctl {
         #[command(subcommand)]
@@ -180,7 +180,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         None => serve(cli.serve),
-        Some(Cmd::Serve(a)) => serve(a),
+        Some(Cmd::Serve(a)) => serve(*a),
         Some(Cmd::Ctl { command }) => ctl_main(command),
     }
 }
