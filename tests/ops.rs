@@ -540,6 +540,29 @@ fn kick_and_close_reach_clients_and_bad_requests_get_4xx() {
         lines[2].contains("127.0.0.1:1") && lines[2].contains("error"),
         "{table}"
     );
+    // ctl drain of the process: the connected bots hear the drain notice.
+    let out = Command::new(binary("tickshard"))
+        .args(["ctl", "drain", "--token", "s3cret", "--target"])
+        .arg(admin(&server))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    bots.run_until(Duration::from_secs(5), "drain notice", |b| {
+        b.0[..3].iter().all(|b| {
+            b.events
+                .iter()
+                .any(|e| matches!(e, ClientEvent::Drain { .. }))
+        })
+    });
+    assert_eq!(get(&server, "/readyz", None).0, 503);
+    let out = Command::new(binary("tickshard"))
+        .args(["ctl", "drain", "--target"])
+        .arg(admin(&server))
+        .env_remove("TICKSHARD_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "no token: refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
 }
 
 #[test]
