@@ -183,12 +183,30 @@ async fn bad_frames_close_only_that_connection() {
 }
 
 #[tokio::test(flavor = "current_thread")]
-async fn sigterm_closes_clients_with_a_reason_and_exits_zero() {
-    let mut server = Server::start("term", &["--shards", "2"]);
+async fn first_sigterm_drains_second_closes_clients_with_a_reason_and_exits_zero() {
+    let mut server = Server::start("term", &["--shards", "2", "--drain-grace", "20"]);
     let mut c = QuinnClient::connect(&server).await;
     c.hello().await;
     c.join(0).await;
     // SAFETY: sending a signal to the child we started.
+    unsafe {
+        libc::kill(server.child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    // The first signal drains: the client is told and keeps its seat.
+    let notice = c
+        .recv_until(Duration::from_secs(3), |m| {
+            matches!(m, ControlMsg::DrainNotice { .. })
+        })
+        .await;
+    assert!(
+        matches!(notice, ControlMsg::DrainNotice { grace_ms, .. } if grace_ms > 15_000 && grace_ms <= 20_000)
+    );
+    assert!(
+        c.conn.close_reason().is_none(),
+        "still connected while draining"
+    );
+    // The second cuts the drain short.
+    // SAFETY: as above.
     unsafe {
         libc::kill(server.child.id() as libc::pid_t, libc::SIGTERM);
     }

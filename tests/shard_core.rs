@@ -8,6 +8,7 @@ use harness::{Link, Net, NetConfig};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tickshard::arena::{dequantise, max_step};
+use tickshard::ops::{Command, RoomEnd, RoomResult};
 use tickshard::{PlayerId, RoomId};
 use tickshard_schema::{codes, ControlMsg, FrameDecoder};
 
@@ -819,4 +820,197 @@ fn every_behaviour_is_tolerated_and_moves_as_commanded() {
         assert!(checked > 8 * 80, "{behavior}: movement checked {checked}");
         assert_eq!(diverged, 0, "{behavior}: movement diverged");
     }
+}
+
+fn drain(net: &mut Net, shard: usize, grace: Duration) {
+    let now = net.now();
+    net.shards[shard]
+        .handle_command(
+            now,
+            Command::Drain {
+                grace,
+                reconnect_hint: "next.example:4433".into(),
+            },
+        )
+        .unwrap();
+}
+
+fn results(net: &mut Net) -> Vec<RoomResult> {
+    let mut out = Vec::new();
+    for s in &mut net.shards {
+        while let Some(r) = s.poll_room_result() {
+            out.push(r);
+        }
+    }
+    out
+}
+
+#[test]
+fn drain_notifies_refuses_new_connections_and_new_rooms_and_ends_rooms_with_results() {
+    let mut net = Net::new(NetConfig {
+        capacity: 2,
+        ..Default::default()
+    });
+    let (a, b, c) = (net.add_client(), net.add_client(), net.add_client());
+    net.connect_all(Duration::from_secs(2));
+    net.clients[a].client.join(None, "arena");
+    net.clients[b].client.join(None, "arena");
+    net.run_for(Duration::from_millis(300));
+    let room = room_of(&net, a).expect("a seated");
+    assert_eq!(room_of(&net, b), Some(room), "one full room of two");
+    net.play(30, |_, _| Some((10, 0, 1, 0)));
+
+    drain(&mut net, 0, Duration::from_secs(10));
+    net.run_for(Duration::from_millis(200));
+    for i in [a, b, c] {
+        let notice = net.events(i).iter().find_map(|e| match e {
+            ClientEvent::Drain {
+                grace_ms,
+                reconnect_hint,
+            } => Some((*grace_ms, reconnect_hint.clone())),
+            _ => None,
+        });
+        let (grace_ms, hint) = notice.unwrap_or_else(|| panic!("client {i} got no drain notice"));
+        assert!(grace_ms > 9_000 && grace_ms <= 10_000, "{grace_ms}");
+        assert_eq!(hint, "next.example:4433");
+    }
+    assert!(net.shards[0].drain_state().refuses_connections());
+
+    // A new connection completes its handshake, then is closed with DRAINING.
+    let d = net.add_client();
+    net.run_for(Duration::from_secs(1));
+    assert_eq!(server_code(&net, d), Some(codes::DRAINING as u64));
+    // A quick match that needs a new room (the only one is full) is refused with 106.
+    net.clients[c].client.join(None, "arena");
+    net.run_for(Duration::from_millis(200));
+    assert!(
+        net.events(c).iter().any(
+            |e| matches!(e, ClientEvent::Error { code, .. } if *code == codes::SERVER_DRAINING)
+        ),
+        "{:?}",
+        net.events(c)
+    );
+    assert!(!net.shards[0].is_drained(), "a room still runs");
+
+    // The room ends as soon as its last player leaves, and its result is recorded.
+    net.clients[a].client.leave();
+    net.clients[b].client.leave();
+    net.run_for(Duration::from_millis(200));
+    let r = results(&mut net);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].room, RoomId(room));
+    assert_eq!(r[0].end, RoomEnd::Empty);
+    let mut players: Vec<u64> = r[0].standings.iter().map(|s| s.player.0).collect();
+    players.sort();
+    let mut want = vec![
+        net.clients[a].client.player_id(),
+        net.clients[b].client.player_id(),
+    ];
+    want.sort();
+    assert_eq!(players, want);
+    assert!(r[0]
+        .standings
+        .iter()
+        .all(|s| !s.present && s.kills.is_some()));
+    assert!(net.shards[0].is_drained(), "no rooms and nobody seated");
+}
+
+#[test]
+fn drain_grace_expiry_closes_what_remains_with_shutting_down() {
+    let mut net = Net::new(NetConfig::default());
+    let (a, b) = (net.add_client(), net.add_client());
+    net.connect_all(Duration::from_secs(2));
+    join_all(&mut net);
+    net.play(10, |_, _| Some((0, 10, 0, 0)));
+    drain(&mut net, 0, Duration::from_secs(2));
+    net.play(30, |_, _| Some((0, 10, 0, 0)));
+    assert!(net.closed(a).is_none(), "still playing within the grace");
+    net.run_for(Duration::from_secs(2));
+    for i in [a, b] {
+        assert!(
+            matches!(net.closed(i), Some(CloseReason::Server { code, reason }) if *code == codes::SHUTTING_DOWN as u64 && reason == "drain grace ended"),
+            "{:?}",
+            net.closed(i)
+        );
+    }
+    let r = results(&mut net);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].end, RoomEnd::Shutdown);
+    assert_eq!(r[0].standings.len(), 2);
+    assert!(r[0].standings.iter().all(|s| s.present));
+    assert!(net.shards[0].is_drained());
+}
+
+#[test]
+fn operators_close_rooms_and_kick_players() {
+    let mut net = Net::new(NetConfig {
+        shards: 2,
+        ..Default::default()
+    });
+    let (a, b, c) = (net.add_client(), net.add_client(), net.add_client());
+    net.connect_all(Duration::from_secs(2));
+    join_all(&mut net);
+    let room = RoomId(room_of(&net, a).unwrap());
+    // Quick match may have opened a room per shard; the close reaches the room's members
+    // wherever their connections live.
+    let members: Vec<usize> = [a, b, c]
+        .into_iter()
+        .filter(|&i| room_of(&net, i) == Some(room.0))
+        .collect();
+    let now = net.now();
+    let host = room.shard().0 as usize;
+    assert_eq!(
+        net.shards[host].handle_command(
+            now,
+            Command::CloseRoom {
+                room: RoomId(room.0 + 1000),
+                reason: "x".into()
+            }
+        ),
+        Err(tickshard::ops::CommandError::RoomNotFound)
+    );
+    net.shards[host]
+        .handle_command(
+            now,
+            Command::CloseRoom {
+                room,
+                reason: "tournament over".into(),
+            },
+        )
+        .unwrap();
+    net.run_for(Duration::from_millis(300));
+    for &i in &members {
+        assert!(
+            net.events(i).iter().any(|e| matches!(
+                e,
+                ClientEvent::Left { room_id, reason: tickshard_schema::LeaveReason::RoomClosed } if *room_id == room.0
+            )),
+            "client {i}: {:?}",
+            net.events(i)
+        );
+        assert_eq!(room_of(&net, i), None);
+    }
+    let r = results(&mut net);
+    assert_eq!(r[0].end, RoomEnd::Closed("tournament over".into()));
+    // Seats are free again: the players can quick-match into a new room.
+    join_all(&mut net);
+
+    let player = PlayerId(net.clients[a].client.player_id());
+    let now = net.now();
+    net.shards[player.shard().0 as usize]
+        .handle_command(
+            now,
+            Command::Kick {
+                player,
+                reason: "cheating".into(),
+            },
+        )
+        .unwrap();
+    net.run_for(Duration::from_millis(300));
+    assert!(
+        matches!(net.closed(a), Some(CloseReason::Server { code, reason }) if *code == codes::KICKED as u64 && reason == "cheating"),
+        "{:?}",
+        net.closed(a)
+    );
+    assert!(net.closed(b).is_none());
 }

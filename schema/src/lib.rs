@@ -877,4 +877,7 @@ pub mod codes {
     pub const NOT_IN_ROOM: u16 = 104;
     /// Request: the room's shard did not answer.
     pub const SHARD_UNAVAILABLE: u16 = 105;
+    /// The server is draining and opens no new rooms: a join or quick match that would need
+    /// one is refused. Connect to another server (see the drain notice's reconnect hint).
+    pub const SERVER_DRAINING: u16 = 106;
 }

@@ -169,6 +169,8 @@ pub struct AgonesStatus {
     pub requests_failed: u64,
     /// The last failure, as text.
     pub last_error: Option<String>,
+    /// Shutdown was asked for and is settled: delivered, or given up after its attempts.
+    pub shutdown_settled: bool,
 }
 
 /// The handle on the SDK client: its methods only record a wish and return.
@@ -228,6 +230,21 @@ impl Agones {
     /// with backoff (about 16 s) before giving up. A Ready not yet delivered is dropped.
     pub fn shutdown(&self) {
         self.shared.command(|want| want.shutdown = true);
+    }
+
+    /// [`Agones::shutdown`], then waits up to `timeout` for the request to be delivered (or
+    /// given up). Returns whether it settled in time. For the last moments of the process:
+    /// it exits right after.
+    pub fn shutdown_and_wait(&self, timeout: Duration) -> bool {
+        self.shutdown();
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if self.shared.lock().status.shutdown_settled {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
     }
 
     /// Whether the GameServer was last seen `Allocated`.
@@ -673,12 +690,14 @@ impl<'a> Worker<'a> {
             let result = self.client.call("POST", "/shutdown", Some(&json!({})));
             if self.shutdown.settle("shutdown", result).is_some() {
                 info!("asked Agones to shut the server down");
+                self.shared.lock().status.shutdown_settled = true;
             } else if self.shutdown.failures >= SHUTDOWN_ATTEMPTS {
                 error!(
                     attempts = SHUTDOWN_ATTEMPTS,
                     "giving up asking Agones to shut the server down"
                 );
                 self.shutdown.done();
+                self.shared.lock().status.shutdown_settled = true;
             }
         }
     }
@@ -1318,6 +1337,34 @@ fn label_value(raw: &str) -> String {
     mapped
         .trim_matches(|c: char| !c.is_ascii_alphanumeric())
         .to_owned()
+}
+
+/// The Agones SDK as the runtime's fleet hook: Ready once every shard serves, capacity once a
+/// second (Counters `rooms` and `players`, List `rooms`), Shutdown after the drain.
+impl crate::runtime::Fleet for Agones {
+    fn ready(&mut self) {
+        Agones::ready(self);
+    }
+
+    fn set_capacity(&mut self, c: &crate::runtime::Capacity) {
+        Agones::set_capacity(
+            self,
+            Capacity {
+                rooms: c.rooms as u64,
+                rooms_capacity: c.rooms_capacity as u64,
+                players: c.players as u64,
+                players_capacity: c.players_capacity as u64,
+                room_ids: c.room_ids.clone(),
+            },
+        );
+    }
+
+    fn shutdown(&mut self) {
+        // The process exits right after: give the request a few seconds to land.
+        if !self.shutdown_and_wait(Duration::from_secs(5)) {
+            warn!("Agones shutdown not confirmed before exit");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1977,7 +2024,10 @@ mod tests {
     fn shutdown_asks_the_sidecar_to_shut_down() {
         let fake = FakeSdk::start();
         let agones = start(&fake, "v1");
-        agones.shutdown();
+        assert!(
+            agones.shutdown_and_wait(Duration::from_secs(5)),
+            "delivered in time"
+        );
         wait_until("the sidecar is shut down", || fake.state() == "Shutdown");
         let shutdown = fake.requests_to("POST", "/shutdown");
         assert_eq!(shutdown.len(), 1);

@@ -8,7 +8,9 @@
 //! Area of interest uses a uniform grid rebuilt each step: `view` visits only the cells within
 //! the view radius, so its cost grows with what a player can see, not with the room's size.
 
-use crate::game::{Game, GameEvent, GameSetup, JoinRefused, PlayerInput, PlayerResult, ViewEntity};
+use crate::game::{
+    Game, GameEvent, GameSetup, JoinRefused, PlayerInput, PlayerResult, Standing, ViewEntity,
+};
 use crate::ids::{EntityId, PlayerId, Tick};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -55,6 +57,8 @@ struct Player {
     aim: u16,
     health: u8,
     score: i64,
+    kills: u32,
+    deaths: u32,
     cooldown: u32,
     respawn_in: u32,
 }
@@ -81,6 +85,8 @@ pub struct Arena {
     next_entity: u32,
     /// Entity indices per grid cell: players as `i`, projectiles as `PROJ_BIT | i`.
     grid: Vec<Vec<u32>>,
+    /// Standings of players who left, for the final result (one entry per leave).
+    departed: Vec<Standing>,
 }
 
 const PROJ_BIT: u32 = 1 << 31;
@@ -104,6 +110,7 @@ impl Arena {
             projectiles: Vec::new(),
             next_entity: 1,
             grid: vec![Vec::new(); GRID * GRID],
+            departed: Vec::new(),
         }
     }
 
@@ -191,6 +198,8 @@ impl Game for Arena {
             aim: 0,
             health: MAX_HEALTH,
             score: 0,
+            kills: 0,
+            deaths: 0,
             cooldown: 0,
             respawn_in: 0,
         });
@@ -200,7 +209,8 @@ impl Game for Arena {
 
     fn leave(&mut self, player: PlayerId) {
         if let Some(i) = self.index.remove(&player) {
-            self.players.remove(i);
+            let p = self.players.remove(i);
+            self.departed.push(standing(&p, false));
             for (j, p) in self.players.iter().enumerate().skip(i) {
                 self.index.insert(p.id, j);
             }
@@ -305,6 +315,7 @@ impl Game for Arena {
                     });
                     if t.health == 0 {
                         t.respawn_in = respawn;
+                        t.deaths += 1;
                         events.push(GameEvent {
                             kind: EVENT_KILL,
                             a: owner,
@@ -312,6 +323,7 @@ impl Game for Arena {
                         });
                         if let Some(s) = self.players.iter_mut().find(|p| p.entity == owner) {
                             s.score += 1;
+                            s.kills += 1;
                         }
                     }
                     gone = true;
@@ -390,6 +402,12 @@ impl Game for Arena {
         }
     }
 
+    fn final_result(&self) -> Vec<Standing> {
+        let mut out = self.departed.clone();
+        out.extend(self.players.iter().map(|p| standing(p, true)));
+        out
+    }
+
     fn results(&self) -> Vec<PlayerResult> {
         self.players
             .iter()
@@ -398,6 +416,17 @@ impl Game for Arena {
                 score: p.score,
             })
             .collect()
+    }
+}
+
+fn standing(p: &Player, present: bool) -> Standing {
+    Standing {
+        player: p.id,
+        entity: EntityId(p.entity),
+        score: p.score,
+        kills: Some(p.kills),
+        deaths: Some(p.deaths),
+        present,
     }
 }
 

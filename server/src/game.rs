@@ -57,6 +57,24 @@ pub struct PlayerResult {
     pub score: i64,
 }
 
+/// One player's line in a room's final result: what the results file and the log record when
+/// a room ends (last player gone, closed by an operator, or cut short by shutdown).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Standing {
+    /// The player.
+    pub player: PlayerId,
+    /// The entity the player controlled.
+    pub entity: EntityId,
+    /// The game's score.
+    pub score: i64,
+    /// Kills, if the game counts them.
+    pub kills: Option<u32>,
+    /// Deaths, if the game counts them.
+    pub deaths: Option<u32>,
+    /// Whether the player was still seated when the room ended (false: left earlier).
+    pub present: bool,
+}
+
 /// What a game is created with.
 #[derive(Debug, Clone, Copy)]
 pub struct GameSetup {
@@ -90,6 +108,12 @@ pub trait Game {
     fn view(&self, viewer: PlayerId, out: &mut Vec<ViewEntity>);
     /// The current standings (called when the room ends, and by operators).
     fn results(&self) -> Vec<PlayerResult>;
+    /// The room's final result, called once when the room ends: every player who played in
+    /// it, including those who left earlier (a room usually ends when its last player leaves,
+    /// so a game that wants a result must remember departed players). Default: empty.
+    fn final_result(&self) -> Vec<Standing> {
+        Vec::new()
+    }
 }
 
 /// Creates a game for a new room.

@@ -22,18 +22,24 @@
 //! - [`mesh`]: messages between shards.
 //! - [`cid`]: connection IDs that name their shard; [`net`]: sockets and kernel steering.
 //! - [`tls`]: certificates and QUIC configuration; [`stats`]: counters and histograms.
-//! - [`runtime`]: the thin glommio layer that runs shards on cores.
+//! - [`runtime`]: the thin glommio layer that runs shards on cores, and the supervisor
+//!   (signals, drain, results file, fleet hook).
+//! - [`ops`]: reports, operator commands, drain state, room results; [`admin`]: the admin
+//!   HTTP thread (metrics, status, actions); [`config`]: settings from flags, env and TOML.
 //! - [`agones`]: the Agones SDK client (health, Ready, capacity, allocation, shutdown) on
 //!   threads of its own, used when `AGONES_SDK_HTTP_PORT` is set.
 
+pub mod admin;
 pub mod agones;
 pub mod arena;
 pub mod cid;
 pub mod config;
+pub mod ctl;
 pub mod game;
 pub mod ids;
 pub mod mesh;
 pub mod net;
+pub mod ops;
 pub mod room;
 pub mod runtime;
 pub mod shard;

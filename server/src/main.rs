@@ -1,116 +1,262 @@
-//! `tickshard`: run the game server.
+//! `tickshard`: run the game server, or talk to running ones.
 //!
 //! With no arguments it serves the built-in arena on `127.0.0.1:4433` with one shard per
-//! core and a development certificate under `./.tickshard`.
+//! core, a development certificate under `./.tickshard`, and admin HTTP on `127.0.0.1:4434`.
+//! `tickshard serve` is the same; `tickshard ctl ...` are the fleet tools.
 
 use anyhow::Context;
-use clap::Parser;
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::Duration;
-use tickshard::config::ServeConfig;
-use tickshard::runtime;
+use clap::{Args, Parser, Subcommand};
+use tickshard::config::{self, LogFormat};
+use tickshard::{ctl, runtime};
 
 /// A thread-per-core authoritative game server on QUIC.
 #[derive(Parser, Debug)]
-#[command(name = "tickshard", version, about)]
-struct Args {
-    /// UDP address to serve on.
-    #[arg(long, env = "TICKSHARD_LISTEN", default_value = "127.0.0.1:4433")]
-    listen: SocketAddr,
-    /// Number of shards (0: one per available core).
-    #[arg(long, env = "TICKSHARD_SHARDS", default_value_t = 0)]
-    shards: usize,
-    /// Directory for the development certificate and other state.
-    #[arg(long, env = "TICKSHARD_DATA_DIR", default_value = ".tickshard")]
-    data_dir: PathBuf,
-    /// PEM certificate chain (with --key); default: a development certificate.
-    #[arg(long, env = "TICKSHARD_CERT")]
-    cert: Option<PathBuf>,
-    /// PEM private key (with --cert).
-    #[arg(long, env = "TICKSHARD_KEY")]
-    key: Option<PathBuf>,
-    /// Arena ticks per second.
-    #[arg(long, env = "TICKSHARD_TICK_RATE", default_value_t = 30)]
-    tick_rate: u16,
-    /// Arena players per room.
-    #[arg(long, env = "TICKSHARD_ROOM_CAPACITY", default_value_t = 64)]
-    room_capacity: u16,
-    /// Most connections per shard.
-    #[arg(long, env = "TICKSHARD_MAX_CONNECTIONS", default_value_t = 10_000)]
-    max_connections: usize,
-    /// Seconds a client has to send hello.
-    #[arg(long, env = "TICKSHARD_HELLO_TIMEOUT", default_value_t = 5.0)]
-    hello_timeout: f64,
-    /// QUIC idle timeout in seconds.
-    #[arg(long, env = "TICKSHARD_IDLE_TIMEOUT", default_value_t = 10.0)]
-    idle_timeout: f64,
-    /// Seconds an empty room stays open.
-    #[arg(long, env = "TICKSHARD_EMPTY_ROOM_GRACE", default_value_t = 10.0)]
-    empty_room_grace: f64,
-    /// Largest snapshot datagram in bytes (256..=1150).
-    #[arg(long, env = "TICKSHARD_MAX_DATAGRAM", default_value_t = 1100)]
-    max_datagram: usize,
-    /// Seed for the shards' randomness (rooms, spawn points); default: from the OS.
-    #[arg(long, env = "TICKSHARD_SEED")]
-    seed: Option<u64>,
-    /// Seconds between each shard's figures in the log (0: never).
-    #[arg(long, env = "TICKSHARD_STATS_INTERVAL", default_value_t = 10.0)]
-    stats_interval: f64,
+#[command(
+    name = "tickshard",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
-fn secs(setting: &str, v: f64) -> anyhow::Result<Duration> {
-    Duration::try_from_secs_f64(v)
-        .with_context(|| format!("invalid setting {setting}: {v} is not a duration in seconds"))
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Serve (the default). Every setting is also an environment variable TICKSHARD_<NAME>
+    /// and a key in the TOML file of --config; flags win over env, env over the file.
+    Serve(Box<ServeArgs>),
+    /// Fleet tools over the admin HTTP endpoint.
+    Ctl {
+        #[command(subcommand)]
+        command: CtlCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlCmd {
+    /// One status table across servers.
+    Status {
+        /// Admin addresses, comma-separated (HOST:PORT,...).
+        #[arg(long, value_delimiter = ',', required = true)]
+        targets: Vec<String>,
+        /// Admin bearer token.
+        #[arg(long, env = "TICKSHARD_ADMIN_TOKEN")]
+        token: Option<String>,
+    },
+    /// Drain a server, or one of its shards.
+    Drain {
+        /// Admin address (HOST:PORT).
+        #[arg(long)]
+        target: String,
+        /// Drain only this shard (no new rooms there).
+        #[arg(long)]
+        shard: Option<usize>,
+        /// Admin bearer token.
+        #[arg(long, env = "TICKSHARD_ADMIN_TOKEN")]
+        token: Option<String>,
+    },
+}
+
+/// Settings of `serve`: flags here, env TICKSHARD_<NAME>, TOML key <name>.
+#[derive(Args, Debug, Default)]
+struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "TICKSHARD_CONFIG")]
+    config: Option<std::path::PathBuf>,
+    /// Print the effective configuration (TOML) and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// UDP address to serve on [default: 127.0.0.1:4433].
+    #[arg(long)]
+    listen: Option<String>,
+    /// Number of shards (0: one per available core) [default: 0].
+    #[arg(long)]
+    shards: Option<String>,
+    /// Directory for the development certificate and results files [default: .tickshard].
+    #[arg(long)]
+    data_dir: Option<String>,
+    /// PEM certificate chain (with --key); default: a development certificate.
+    #[arg(long)]
+    cert: Option<String>,
+    /// PEM private key (with --cert).
+    #[arg(long)]
+    key: Option<String>,
+    /// Arena ticks per second [default: 30].
+    #[arg(long)]
+    tick_rate: Option<String>,
+    /// Arena players per room [default: 64].
+    #[arg(long)]
+    room_capacity: Option<String>,
+    /// Most connections per shard [default: 10000].
+    #[arg(long)]
+    max_connections: Option<String>,
+    /// Seconds a client has to send hello [default: 10].
+    #[arg(long)]
+    hello_timeout: Option<String>,
+    /// QUIC idle timeout in seconds [default: 10].
+    #[arg(long)]
+    idle_timeout: Option<String>,
+    /// Seconds an empty room stays open [default: 10].
+    #[arg(long)]
+    empty_room_grace: Option<String>,
+    /// Largest snapshot datagram in bytes, 256..=1150 [default: 1100].
+    #[arg(long)]
+    max_datagram: Option<String>,
+    /// Seed for the shards' randomness; default: from the OS.
+    #[arg(long)]
+    seed: Option<String>,
+    /// Seconds between each shard's figures in the log, 0: never [default: 10].
+    #[arg(long)]
+    stats_interval: Option<String>,
+    /// Admin HTTP address, or `off` [default: 127.0.0.1:4434].
+    #[arg(long)]
+    admin: Option<String>,
+    /// Bearer token the admin endpoint requires (except /healthz and /readyz).
+    #[arg(long)]
+    admin_token: Option<String>,
+    /// Seconds a drain (SIGTERM, POST /drain) lets rooms run [default: 30].
+    #[arg(long)]
+    drain_grace: Option<String>,
+    /// Where draining clients should reconnect (sent in the drain notice).
+    #[arg(long)]
+    reconnect_hint: Option<String>,
+    /// Log format: text or json [default: text]. Filter with RUST_LOG.
+    #[arg(long)]
+    log_format: Option<String>,
+}
+
+impl ServeArgs {
+    /// The flags given, as (setting key, value).
+    fn flags(&self) -> Vec<(String, String)> {
+        let all = [
+            ("listen", &self.listen),
+            ("shards", &self.shards),
+            ("data_dir", &self.data_dir),
+            ("cert", &self.cert),
+            ("key", &self.key),
+            ("tick_rate", &self.tick_rate),
+            ("room_capacity", &self.room_capacity),
+            ("max_connections", &self.max_connections),
+            ("hello_timeout", &self.hello_timeout),
+            ("idle_timeout", &self.idle_timeout),
+            ("empty_room_grace", &self.empty_room_grace),
+            ("max_datagram", &self.max_datagram),
+            ("seed", &self.seed),
+            ("stats_interval", &self.stats_interval),
+            ("admin", &self.admin),
+            ("admin_token", &self.admin_token),
+            ("drain_grace", &self.drain_grace),
+            ("reconnect_hint", &self.reconnect_hint),
+            ("log_format", &self.log_format),
+        ];
+        debug_assert_eq!(all.len(), config::SETTINGS.len());
+        all.into_iter()
+            .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), v.clone())))
+            .collect()
+    }
 }
 
 extern "C" fn on_signal(_: libc::c_int) {
     runtime::request_stop();
 }
 
+fn init_logs(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let a = Args::parse();
-    let config = ServeConfig {
-        listen: a.listen,
-        shards: a.shards,
-        data_dir: a.data_dir,
-        cert: a.cert,
-        key: a.key,
-        tick_rate: a.tick_rate,
-        room_capacity: a.room_capacity,
-        max_connections: a.max_connections,
-        hello_timeout: secs("--hello-timeout", a.hello_timeout)?,
-        idle_timeout: secs("--idle-timeout", a.idle_timeout)?,
-        empty_room_grace: secs("--empty-room-grace", a.empty_room_grace)?,
-        stats_interval: secs("--stats-interval", a.stats_interval)?,
-        max_datagram: a.max_datagram,
-        seed: a.seed,
+    let cli = Cli::parse();
+    match cli.command {
+        None => serve(cli.serve),
+        Some(Cmd::Serve(a)) => serve(*a),
+        Some(Cmd::Ctl { command }) => ctl_main(command),
+    }
+}
+
+fn ctl_main(command: CtlCmd) -> anyhow::Result<()> {
+    match command {
+        CtlCmd::Status { targets, token } => {
+            print!("{}", ctl::status_table(&targets, token.as_deref()));
+            Ok(())
+        }
+        CtlCmd::Drain {
+            target,
+            shard,
+            token,
+        } => {
+            let msg = ctl::drain(&target, shard, token.as_deref()).map_err(anyhow::Error::msg)?;
+            println!("{msg}");
+            Ok(())
+        }
+    }
+}
+
+fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let file = match &a.config {
+        Some(p) => Some((
+            p.display().to_string(),
+            std::fs::read_to_string(p)
+                .with_context(|| format!("reading config file {}", p.display()))?,
+        )),
+        None => None,
     };
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    let env = |k: &str| std::env::var(k).ok();
+    let config = config::resolve(
+        &a.flags(),
+        &env,
+        file.as_ref().map(|(n, t)| (n.as_str(), t.as_str())),
+    )?;
+    if a.print_config {
+        print!("{}", config.to_toml());
+        return Ok(());
+    }
+    init_logs(config.log_format);
+    // SAFETY: the handler only adds to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
-    runtime::serve(config, |s| {
+    // On Agones (the SDK sidecar's port is set) the fleet hook reports to it; otherwise
+    // nothing changes.
+    let fleet: Box<dyn runtime::Fleet> = match tickshard::agones::AgonesConfig::from_env() {
+        Ok(Some(c)) => {
+            tracing::info!(sdk = %c.sdk_addr, "Agones SDK found");
+            Box::new(tickshard::agones::Agones::start(
+                c,
+                env!("CARGO_PKG_VERSION"),
+            ))
+        }
+        Ok(None) => Box::new(runtime::NoFleet),
+        Err(e) => anyhow::bail!("invalid setting: {e}"),
+    };
+    runtime::serve_with_fleet(config, fleet, |s| {
         tracing::info!(
             addrs = ?s.addrs,
             steering = ?s.steering,
+            admin = ?s.admin,
             cert = %s.cert_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
             sha256 = %s.fingerprint,
             "tls certificate"
         );
         // One machine-readable line for scripts and tests.
         println!(
-            "tickshard listening on {} shards={} steering={:?} sha256={}",
+            "tickshard listening on {} shards={} steering={:?} admin={} sha256={}",
             s.addrs[0],
             s.addrs.len(),
             s.steering,
+            s.admin.map_or("off".into(), |a| a.to_string()),
             s.fingerprint
         );
     })

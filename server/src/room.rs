@@ -191,6 +191,10 @@ impl Room {
     pub fn results(&self) -> Vec<PlayerResult> {
         self.game.results()
     }
+    /// The game's final result (see [`Game::final_result`]).
+    pub fn final_result(&self) -> Vec<crate::game::Standing> {
+        self.game.final_result()
+    }
     /// Bytes held by the seats' snapshot histories.
     pub fn history_bytes(&self) -> usize {
         self.seats.iter().map(|s| s.history.held_bytes()).sum()

@@ -14,13 +14,26 @@
 //!   due tick runs before the next pass.
 //! - **mesh** (throughput queue): one task per peer shard, delivering its messages.
 //!
+//! The tick task also does the shard's operator work every [`HOUSEKEEPING_INTERVAL`]: it
+//! carries out queued admin commands, hands ended rooms' results to the supervisor, and every
+//! [`REPORT_INTERVAL`] publishes a [`ShardReport`] into the shard's slot of the [`Hub`]. So the
+//! per-packet and per-tick paths take no lock and touch no atomic; the admin thread only ever
+//! reads the last report.
+//!
+//! The calling thread of [`serve`] becomes the **supervisor**: it watches signals and drain
+//! requests, writes room results to the results file, feeds the [`Fleet`] hook (ready,
+//! capacity once a second, shutdown), and stops the shards when the drain is done.
+//!
 //! Only one task sleeps on a timer by design: with several tasks each sleeping on its own
 //! glommio timer, a short timer did not fire while another task's long one was pending, and
 //! datagrams waited in the socket for seconds (ARCHITECTURE.md has the story).
 
+use crate::admin::{self, Envelope, Hub, ProcessEvent};
 use crate::config::ServeConfig;
 use crate::mesh::ShardMsg;
 use crate::net::{self, Steering};
+use crate::ops::{Command, RoomResult, ShardReport};
+use crate::shard::HOUSEKEEPING_INTERVAL;
 use crate::shard::{ShardConfig, ShardCore};
 use crate::tls::{self, Identity, TransportSettings};
 use crate::{builtin_modes, ShardId};
@@ -28,13 +41,15 @@ use bytes::BytesMut;
 use futures_lite::future;
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use glommio::{Latency, LocalExecutorBuilder, Placement, Shares};
+use hdrhistogram::Histogram;
 use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io::IoSliceMut;
 use std::net::UdpSocket;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
 
@@ -48,12 +63,57 @@ const MESH_CAPACITY: usize = 4096;
 /// How long a stopping shard keeps sending so close frames reach clients.
 const CLOSE_LINGER: Duration = Duration::from_millis(200);
 
-static STOP: AtomicBool = AtomicBool::new(false);
+/// How often a shard publishes its report for the admin thread and the supervisor.
+pub const REPORT_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the supervisor looks at signals, results and reports.
+const SUPERVISOR_INTERVAL: Duration = Duration::from_millis(50);
+/// How often the fleet hook hears the capacity.
+const CAPACITY_INTERVAL: Duration = Duration::from_secs(1);
+/// How long after the drain grace the supervisor waits for shards to report that they are
+/// done before it stops them anyway.
+const DRAIN_SLACK: Duration = Duration::from_secs(2);
 
-/// Asks every shard to close its connections and stop (signal-safe).
+/// Set by the supervisor: every shard closes what remains and exits.
+static STOP: AtomicBool = AtomicBool::new(false);
+/// Termination signals received (the first drains, the second cuts the drain short).
+static SIGNALS: AtomicUsize = AtomicUsize::new(0);
+
+/// A termination signal arrived (signal-safe: one atomic add). The first starts a graceful
+/// drain, the second closes what remains with SHUTTING_DOWN.
 pub fn request_stop() {
-    STOP.store(true, Ordering::Relaxed);
+    SIGNALS.fetch_add(1, Ordering::Relaxed);
 }
+
+/// Process-wide capacity, computed once a second from the shard reports for the fleet hook.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Capacity {
+    /// Rooms open.
+    pub rooms: usize,
+    /// Rooms the process could hold (player capacity over room size).
+    pub rooms_capacity: usize,
+    /// Players connected.
+    pub players: usize,
+    /// Players the process could hold (shards times connections per shard).
+    pub players_capacity: usize,
+    /// The open rooms' ids, in decimal.
+    pub room_ids: Vec<String>,
+}
+
+/// Where a fleet manager (Agones) plugs in. The supervisor calls these from its own thread:
+/// `ready` once every shard serves, `set_capacity` once a second, `shutdown` after the drain
+/// finished and the results are written, just before `serve` returns.
+pub trait Fleet: Send {
+    /// Every shard serves.
+    fn ready(&mut self) {}
+    /// The process's capacity now.
+    fn set_capacity(&mut self, _capacity: &Capacity) {}
+    /// The drain finished; the process is about to exit.
+    fn shutdown(&mut self) {}
+}
+
+/// No fleet manager.
+pub struct NoFleet;
+impl Fleet for NoFleet {}
 
 /// Errors that stop the server from starting.
 #[derive(Debug, thiserror::Error)]
@@ -90,10 +150,22 @@ pub struct Started {
     pub fingerprint: String,
     /// Where the certificate is stored.
     pub cert_path: Option<std::path::PathBuf>,
+    /// The admin HTTP address, if enabled.
+    pub admin: Option<std::net::SocketAddr>,
 }
 
-/// Runs the server until [`request_stop`]. `on_start` sees the bound addresses first.
+/// Runs the server until a drain finishes (see [`request_stop`]). `on_start` sees the bound
+/// addresses first.
 pub fn serve(config: ServeConfig, on_start: impl FnOnce(&Started)) -> Result<(), StartError> {
+    serve_with_fleet(config, Box::new(NoFleet), on_start)
+}
+
+/// [`serve`], telling `fleet` about readiness, capacity and shutdown.
+pub fn serve_with_fleet(
+    config: ServeConfig,
+    mut fleet: Box<dyn Fleet>,
+    on_start: impl FnOnce(&Started),
+) -> Result<(), StartError> {
     config.validate()?;
     let shards = config.shard_count();
     let identity = match (&config.cert, &config.key) {
@@ -110,7 +182,15 @@ pub fn serve(config: ServeConfig, on_start: impl FnOnce(&Started)) -> Result<(),
         addr: config.listen,
         source,
     })?;
+    let admin_listener = match config.admin {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .map_err(|source| StartError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
     let started = Started {
+        admin: admin_listener.as_ref().and_then(|l| l.local_addr().ok()),
         addrs: (0..shards)
             .map(|i| sockets.local_addr(i).expect("bound socket"))
             .collect(),
@@ -125,8 +205,23 @@ pub fn serve(config: ServeConfig, on_start: impl FnOnce(&Started)) -> Result<(),
         .unwrap_or(1);
     let mesh: Option<MeshBuilder<ShardMsg, Full>> =
         (shards > 1).then(|| MeshBuilder::full(shards, MESH_CAPACITY));
+    let (events_tx, events_rx) = mpsc::channel::<ProcessEvent>();
+    let (results_tx, results_rx) = mpsc::channel::<RoomResult>();
+    let mut command_rx = Vec::new();
+    let mut command_tx = Vec::new();
+    for _ in 0..shards {
+        let (tx, rx) = mpsc::channel::<Envelope>();
+        command_tx.push(tx);
+        command_rx.push(rx);
+    }
+    let hub = Arc::new(Hub::new(
+        shards,
+        command_tx,
+        events_tx,
+        config.admin_token.clone(),
+    ));
     let mut handles = Vec::new();
-    for (i, socket) in sockets.sockets.into_iter().enumerate() {
+    for ((i, socket), commands) in sockets.sockets.into_iter().enumerate().zip(command_rx) {
         let shard_config = ShardConfig {
             shard: ShardId(i as u16),
             shards: shards as u16,
@@ -140,21 +235,240 @@ pub fn serve(config: ServeConfig, on_start: impl FnOnce(&Started)) -> Result<(),
         };
         let mesh = mesh.clone();
         let stats_interval = config.stats_interval;
+        let link = OpsLink {
+            hub: hub.clone(),
+            commands,
+            results: results_tx.clone(),
+        };
         let handle = LocalExecutorBuilder::new(Placement::Fixed(i % cores))
             .name(&format!("shard-{i}"))
             .io_memory(512 << 10)
-            .spawn(
-                move || async move { run_shard(shard_config, socket, mesh, stats_interval).await },
-            )
+            .spawn(move || async move {
+                run_shard(shard_config, socket, mesh, stats_interval, link).await
+            })
             .map_err(|e| StartError::Executor(e.to_string()))?;
         handles.push(handle);
     }
+    drop(results_tx);
+    let admin_thread = admin_listener.map(|l| admin::spawn(l, hub.clone()));
+    supervise(&config, &hub, &events_rx, &results_rx, &mut *fleet);
     for h in handles {
         if let Err(e) = h.join() {
             error!(error = %e, "shard executor failed");
         }
     }
+    // Results of rooms the shards ended while stopping.
+    let mut results = ResultsFile::new(&config.data_dir);
+    while let Ok(r) = results_rx.try_recv() {
+        results.write(&r);
+    }
+    results.finish();
+    fleet.shutdown();
+    hub.stop_admin();
+    if let Some(t) = admin_thread {
+        let _ = t.join();
+    }
+    info!("stopped");
     Ok(())
+}
+
+/// The supervisor loop: runs on the thread that called [`serve`] until the shards may stop,
+/// then sets `STOP`.
+fn supervise(
+    config: &ServeConfig,
+    hub: &Hub,
+    events: &mpsc::Receiver<ProcessEvent>,
+    results_rx: &mpsc::Receiver<RoomResult>,
+    fleet: &mut dyn Fleet,
+) {
+    let mut results = ResultsFile::new(&config.data_dir);
+    let mut drain_deadline: Option<Instant> = None;
+    let mut forced = false;
+    let mut ready = false;
+    let mut next_capacity = Instant::now();
+    let players_capacity = config.shard_count() * config.max_connections;
+    loop {
+        std::thread::sleep(SUPERVISOR_INTERVAL);
+        let now = Instant::now();
+        let signals = SIGNALS.load(Ordering::Relaxed);
+        let mut drain = signals >= 1;
+        while let Ok(ev) = events.try_recv() {
+            match ev {
+                ProcessEvent::Drain => drain = true,
+            }
+        }
+        if drain && drain_deadline.is_none() {
+            info!(grace = ?config.drain_grace, "draining");
+            hub.set_draining();
+            drain_deadline = Some(now + config.drain_grace);
+            hub.broadcast(Command::Drain {
+                grace: config.drain_grace,
+                reconnect_hint: config.reconnect_hint.clone(),
+            });
+        }
+        if !forced && (signals >= 2 || drain_deadline.is_some_and(|d| now >= d + DRAIN_SLACK)) {
+            warn!("cutting the drain short");
+            forced = true;
+            hub.broadcast(Command::Stop {
+                reason: "server shutting down".into(),
+            });
+        }
+        while let Ok(r) = results_rx.try_recv() {
+            results.write(&r);
+        }
+        let reports = hub.reports();
+        if !ready && reports.iter().all(|r| r.is_some()) && drain_deadline.is_none() {
+            ready = true;
+            info!("every shard serves");
+            fleet.ready();
+        }
+        if now >= next_capacity {
+            next_capacity = now + CAPACITY_INTERVAL;
+            fleet.set_capacity(&capacity(&reports, config, players_capacity));
+        }
+        let drained = reports
+            .iter()
+            .all(|r| r.as_ref().is_some_and(|r| r.drained));
+        let dead = hub.shards_alive() == 0;
+        if (drain_deadline.is_some() && drained) || dead {
+            STOP.store(true, Ordering::Relaxed);
+            results.finish();
+            return;
+        }
+        if forced && drain_deadline.is_some_and(|d| now >= d + 2 * DRAIN_SLACK) {
+            warn!("shards did not finish the drain; stopping them");
+            STOP.store(true, Ordering::Relaxed);
+            results.finish();
+            return;
+        }
+    }
+}
+
+fn capacity(
+    reports: &[Option<Arc<ShardReport>>],
+    config: &ServeConfig,
+    players_capacity: usize,
+) -> Capacity {
+    let mut c = Capacity {
+        players_capacity,
+        rooms_capacity: players_capacity / config.room_capacity.max(1) as usize,
+        ..Capacity::default()
+    };
+    for r in reports.iter().flatten() {
+        c.rooms += r.rooms.len();
+        c.players += r.players;
+        c.room_ids
+            .extend(r.rooms.iter().map(|room| room.id.0.to_string()));
+    }
+    c
+}
+
+/// `<data_dir>/results/<unix-time>-<pid>.jsonl`: one JSON line per ended room, opened on the
+/// first result and flushed after every line.
+struct ResultsFile {
+    dir: std::path::PathBuf,
+    file: Option<std::io::BufWriter<std::fs::File>>,
+}
+
+impl ResultsFile {
+    fn new(data_dir: &std::path::Path) -> Self {
+        ResultsFile {
+            dir: data_dir.join("results"),
+            file: None,
+        }
+    }
+
+    /// The path of this process's results file.
+    fn path(dir: &std::path::Path) -> std::path::PathBuf {
+        static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        let t = *START.get_or_init(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        });
+        dir.join(format!("{t}-{}.jsonl", std::process::id()))
+    }
+
+    fn write(&mut self, r: &RoomResult) {
+        use std::io::Write;
+        let line = r.to_json().to_string();
+        info!(result = %line, "room result");
+        if self.file.is_none() {
+            let path = Self::path(&self.dir);
+            let opened = std::fs::create_dir_all(&self.dir).and_then(|_| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+            });
+            match opened {
+                Ok(f) => self.file = Some(std::io::BufWriter::new(f)),
+                Err(e) => {
+                    error!(path = %path.display(), error = %e, "opening the results file");
+                    return;
+                }
+            }
+        }
+        if let Some(f) = &mut self.file {
+            if let Err(e) = writeln!(f, "{line}").and_then(|_| f.flush()) {
+                error!(error = %e, "writing the results file");
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        use std::io::Write;
+        if let Some(f) = &mut self.file {
+            let _ = f.flush();
+            let _ = f.get_ref().sync_all();
+        }
+    }
+}
+
+/// What a shard's runtime needs to talk to the operators' side.
+struct OpsLink {
+    hub: Arc<Hub>,
+    commands: mpsc::Receiver<Envelope>,
+    results: mpsc::Sender<RoomResult>,
+}
+
+impl OpsLink {
+    /// Carries out queued commands and hands over room results.
+    fn serve(&self, core: &mut ShardCore, now: Instant) {
+        while let Ok(env) = self.commands.try_recv() {
+            let r = core.handle_command(now, env.cmd);
+            if let Some(reply) = env.reply {
+                let _ = reply.try_send(r);
+            }
+        }
+        self.hand_over_results(core);
+    }
+
+    fn hand_over_results(&self, core: &mut ShardCore) {
+        while let Some(r) = core.poll_room_result() {
+            let _ = self.results.send(r);
+        }
+    }
+
+    fn publish(&self, core: &ShardCore) {
+        let mut report = core.report();
+        report.cpu_seconds = thread_cpu_seconds();
+        self.hub.publish(core.id(), report);
+    }
+}
+
+/// CPU time of the calling thread, in seconds.
+fn thread_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write into.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 struct Io {
@@ -234,8 +548,10 @@ async fn run_shard(
     socket: UdpSocket,
     mesh: Option<MeshBuilder<ShardMsg, Full>>,
     stats_interval: Duration,
+    link: OpsLink,
 ) {
     let shard = config.shard;
+    let _alive = link.hub.shard_started();
     let (senders, receivers) = match mesh {
         Some(m) => match m.join().await {
             Ok((s, r)) => (Some(s), Some(r)),
@@ -383,6 +699,9 @@ async fn run_shard(
     let ticker = glommio::spawn_local_into(
         async move {
             let mut next_stats = Instant::now() + stats_interval;
+            let mut stats_window = StatsWindow::default();
+            let mut next_ops = Instant::now();
+            let mut next_report = Instant::now();
             loop {
                 let now = Instant::now();
                 let mut wake = sh.core.borrow().next_tick(now);
@@ -407,18 +726,33 @@ async fn run_shard(
                         core.handle_timeout(now);
                     }
                 }
+                if now >= next_ops {
+                    next_ops = now + HOUSEKEEPING_INTERVAL;
+                    let mut core = sh.core.borrow_mut();
+                    link.serve(&mut core, now);
+                    if now >= next_report {
+                        next_report = now + REPORT_INTERVAL;
+                        link.publish(&core);
+                    }
+                }
                 sh.flush();
                 if !stats_interval.is_zero() && Instant::now() >= next_stats {
                     next_stats += stats_interval;
-                    log_stats(&sh.core.borrow());
+                    log_stats(&sh.core.borrow(), &mut stats_window);
                 }
             }
-            // Stopping: tell every client, keep sending briefly so the close frames leave.
-            sh.core.borrow_mut().close_all(
-                Instant::now(),
-                tickshard_schema::codes::SHUTTING_DOWN,
-                "server shutting down",
-            );
+            // Stopping: end what remains (results recorded), tell every client, keep sending
+            // briefly so the close frames leave.
+            {
+                let mut core = sh.core.borrow_mut();
+                let _ = core.handle_command(
+                    Instant::now(),
+                    Command::Stop {
+                        reason: "server shutting down".into(),
+                    },
+                );
+                link.serve(&mut core, Instant::now());
+            }
             sh.flush();
             let linger_end = Instant::now() + CLOSE_LINGER;
             while Instant::now() < linger_end {
@@ -426,7 +760,8 @@ async fn run_shard(
                 sh.core.borrow_mut().handle_timeout(Instant::now());
                 sh.flush();
             }
-            log_stats(&sh.core.borrow());
+            link.publish(&sh.core.borrow());
+            log_stats(&sh.core.borrow(), &mut stats_window);
         },
         tick_q,
     )
@@ -490,11 +825,34 @@ impl Notify {
     }
 }
 
-/// Logs one line of a shard's figures.
-pub fn log_stats(core: &ShardCore) {
+/// The tick figures at the previous stats line, so each line can also give the window since.
+#[derive(Default)]
+pub struct StatsWindow {
+    prev: Option<(Histogram<u64>, Histogram<u64>, u64, u64)>,
+}
+
+/// Logs one line of a shard's figures: totals since start, and `window_*` figures for the
+/// time since the previous line (tick duration and lateness percentiles, ticks, overruns).
+pub fn log_stats(core: &ShardCore, window: &mut StatsWindow) {
     let c = core.counters();
     let t = core.tick_stats();
     let per_snap = c.snapshot_bytes.checked_div(c.snapshots).unwrap_or(0);
+    let (mut dur, mut late) = (t.duration_us.clone(), t.lateness_us.clone());
+    let (mut ticks, mut overruns) = (t.ticks, t.overruns);
+    if let Some((pd, pl, pt, po)) = &window.prev {
+        // Counts only grow, so subtracting the earlier histogram cannot fail.
+        let _ = dur.subtract(pd);
+        let _ = late.subtract(pl);
+        ticks -= pt;
+        overruns -= po;
+    }
+    let q = |h: &Histogram<u64>, p: f64| {
+        if h.is_empty() {
+            0
+        } else {
+            h.value_at_quantile(p)
+        }
+    };
     info!(
         shard = core.id().0,
         rooms = core.rooms().len(),
@@ -506,6 +864,12 @@ pub fn log_stats(core: &ShardCore) {
         late_p50_us = t.lateness_us.value_at_quantile(0.5),
         late_p99_us = t.lateness_us.value_at_quantile(0.99),
         overruns = t.overruns,
+        window_ticks = ticks,
+        window_tick_p50_us = q(&dur, 0.5),
+        window_tick_p99_us = q(&dur, 0.99),
+        window_late_p50_us = q(&late, 0.5),
+        window_late_p99_us = q(&late, 0.99),
+        window_overruns = overruns,
         snapshots = c.snapshots,
         bytes_per_snapshot = per_snap,
         inputs_applied = c.inputs_applied,
@@ -515,4 +879,10 @@ pub fn log_stats(core: &ShardCore) {
         udp_out = c.udp_out,
         "shard stats"
     );
+    window.prev = Some((
+        t.duration_us.clone(),
+        t.lateness_us.clone(),
+        t.ticks,
+        t.overruns,
+    ));
 }

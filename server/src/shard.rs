@@ -25,9 +25,10 @@
 //! connection closed with an application error code and reason. Other players never notice.
 
 use crate::cid::ShardCidGenerator;
-use crate::game::ModeSpec;
+use crate::game::{ModeSpec, Standing};
 use crate::ids::{PlayerId, RoomId, ShardId, Tick};
 use crate::mesh::{JoinedInfo, RoomSummary, ShardMsg};
+use crate::ops::{Command, CommandError, DrainState, RoomEnd, RoomResult, ShardReport};
 use crate::room::{JoinError, Room, RoomOutput, Route};
 use crate::stats::{Counters, TickStats};
 use bytes::{Bytes, BytesMut};
@@ -192,6 +193,9 @@ pub struct ShardCore {
     counters: Counters,
     ticks: TickStats,
     housekeeping_due: Option<Instant>,
+    drain: DrainState,
+    reconnect_hint: String,
+    results: VecDeque<RoomResult>,
 }
 
 impl ShardCore {
@@ -240,6 +244,9 @@ impl ShardCore {
             counters: Counters::default(),
             ticks: TickStats::default(),
             housekeeping_due: None,
+            drain: DrainState::Serving,
+            reconnect_hint: String::new(),
+            results: VecDeque::new(),
             config,
         }
     }
@@ -284,6 +291,41 @@ impl ShardCore {
                 age: now.saturating_duration_since(r.created()),
             })
             .collect()
+    }
+    /// Whether this shard takes new rooms and connections (see [`DrainState`]).
+    pub fn drain_state(&self) -> DrainState {
+        self.drain
+    }
+    /// True once a process drain has finished here: no rooms left and no local player seated
+    /// or joining anywhere (or the drain was cut short). The runtime may then stop the shard.
+    pub fn is_drained(&self) -> bool {
+        match self.drain {
+            DrainState::Stopped => true,
+            DrainState::Draining { .. } => {
+                self.rooms.is_empty()
+                    && self
+                        .conns
+                        .iter()
+                        .flatten()
+                        .all(|c| c.session.seat == Seat::None)
+            }
+            DrainState::Serving | DrainState::NoNewRooms => false,
+        }
+    }
+    /// A report of this shard's figures for operators (allocates: call it every few hundred
+    /// milliseconds from housekeeping, never per packet or per tick).
+    pub fn report(&self) -> ShardReport {
+        ShardReport {
+            shard: self.config.shard,
+            counters: self.counters.clone(),
+            ticks: self.ticks.clone(),
+            rooms: self.rooms(),
+            players: self.players(),
+            connections: self.connections(),
+            drain: self.drain,
+            drained: self.is_drained(),
+            cpu_seconds: 0.0,
+        }
     }
     /// A hosted room, for inspection.
     pub fn room(&self, id: RoomId) -> Option<&Room> {
@@ -443,6 +485,11 @@ impl ShardCore {
             self.housekeeping_due = Some(now + HOUSEKEEPING_INTERVAL);
             self.expire_hellos(now);
             self.close_empty_rooms(now);
+            if let DrainState::Draining { deadline } = self.drain {
+                if deadline <= now {
+                    self.stop(now, "drain grace ended");
+                }
+            }
             self.publish_directory(now);
         }
     }
@@ -579,6 +626,71 @@ impl ShardCore {
         }
     }
 
+    /// The next final result of a room that ended here (poll after every input).
+    pub fn poll_room_result(&mut self) -> Option<RoomResult> {
+        self.results.pop_front()
+    }
+
+    /// Carries out an operator's command (see [`Command`]).
+    pub fn handle_command(&mut self, now: Instant, cmd: Command) -> Result<(), CommandError> {
+        match cmd {
+            Command::CloseRoom { room, reason } => {
+                let &i = self
+                    .room_index
+                    .get(&room)
+                    .ok_or(CommandError::RoomNotFound)?;
+                info!(shard = self.config.shard.0, %room, reason, "closing room");
+                self.end_room(i, now, LeaveReason::RoomClosed, RoomEnd::Closed(reason));
+                Ok(())
+            }
+            Command::Kick { player, reason } => {
+                let &ch = self
+                    .players
+                    .get(&player)
+                    .ok_or(CommandError::PlayerNotFound)?;
+                info!(shard = self.config.shard.0, %player, reason, "kicking player");
+                self.close(ch, now, codes::KICKED, &reason);
+                Ok(())
+            }
+            Command::DrainShard => {
+                if self.drain == DrainState::Serving {
+                    info!(shard = self.config.shard.0, "shard drain: no new rooms");
+                    self.drain = DrainState::NoNewRooms;
+                }
+                Ok(())
+            }
+            Command::Drain {
+                grace,
+                reconnect_hint,
+            } => {
+                if matches!(self.drain, DrainState::Serving | DrainState::NoNewRooms) {
+                    let deadline = now + grace;
+                    self.drain = DrainState::Draining { deadline };
+                    self.reconnect_hint = reconnect_hint;
+                    info!(shard = self.config.shard.0, ?grace, "draining");
+                    let notice = self.drain_notice(now, deadline);
+                    for ch in 0..self.conns.len() {
+                        let ready = self.conns[ch]
+                            .as_ref()
+                            .is_some_and(|c| c.session.phase == Phase::Ready);
+                        if ready {
+                            self.send_control(ch, &notice, now);
+                        }
+                    }
+                    // Rooms already empty end now rather than after their grace.
+                    self.close_empty_rooms(now);
+                }
+                Ok(())
+            }
+            Command::Stop { reason } => {
+                if self.drain != DrainState::Stopped {
+                    self.stop(now, &reason);
+                }
+                Ok(())
+            }
+        }
+    }
+
     // ---- connections ----
 
     fn insert_conn(&mut self, ch: ConnectionHandle, conn: quinn_proto::Connection, now: Instant) {
@@ -673,7 +785,20 @@ impl ShardCore {
     fn on_event(&mut self, ch: usize, ev: Event, now: Instant) {
         match ev {
             Event::HandshakeDataReady | Event::DatagramsUnblocked => {}
-            Event::Connected => debug!(shard = self.config.shard.0, ch, "connected"),
+            Event::Connected => {
+                debug!(shard = self.config.shard.0, ch, "connected");
+                // A draining process accepts the handshake, then closes with DRAINING, so the
+                // client learns why (an application code needs the handshake done).
+                if self.drain.refuses_connections() {
+                    self.counters.refused += 1;
+                    self.close(
+                        ch,
+                        now,
+                        codes::DRAINING,
+                        "server is draining; connect to another server",
+                    );
+                }
+            }
             Event::ConnectionLost { reason } => {
                 debug!(shard = self.config.shard.0, ch, %reason, "connection lost");
                 self.end_session(ch, now);
@@ -847,6 +972,10 @@ impl ShardCore {
                     max_datagram: self.config.max_datagram as u16,
                 };
                 self.send_control(ch, &welcome, now);
+                if let DrainState::Draining { deadline } = self.drain {
+                    let notice = self.drain_notice(now, deadline);
+                    self.send_control(ch, &notice, now);
+                }
             }
             _ if !ready => self.close(ch, now, codes::PROTOCOL_VIOLATION, "message before hello"),
             ControlMsg::Join { room_id, mode } => self.on_join(ch, player, room_id, mode, now),
@@ -956,6 +1085,14 @@ impl ShardCore {
                 .push_back((room.shard(), ShardMsg::JoinRequest { player, room }));
             return;
         }
+        if self.drain.refuses_rooms() {
+            return self.send_error(
+                ch,
+                codes::SERVER_DRAINING,
+                join_error_text(codes::SERVER_DRAINING),
+                now,
+            );
+        }
         let room = self.create_room(&mode, now);
         self.quick_join_local(ch, player, room, now);
     }
@@ -1006,7 +1143,18 @@ impl ShardCore {
                             .iter()
                             .find(|r| r.mode().name == mode && r.free_seats() > 0)
                             .map(Room::id);
-                        let room = room.unwrap_or_else(|| self.create_room(&mode, now));
+                        let room = match room {
+                            Some(r) => r,
+                            None if self.drain.refuses_rooms() => {
+                                return self.send_error(
+                                    ch,
+                                    codes::SERVER_DRAINING,
+                                    join_error_text(codes::SERVER_DRAINING),
+                                    now,
+                                )
+                            }
+                            None => self.create_room(&mode, now),
+                        };
                         self.quick_join_local(ch, player, room, now);
                     }
                     None => self.send_error(ch, code, join_error_text(code), now),
@@ -1253,7 +1401,12 @@ impl ShardCore {
     }
 
     fn close_empty_rooms(&mut self, now: Instant) {
-        let grace = self.config.empty_room_grace;
+        // A draining shard ends a room as soon as its last player leaves.
+        let grace = if matches!(self.drain, DrainState::Draining { .. }) {
+            Duration::ZERO
+        } else {
+            self.config.empty_room_grace
+        };
         let mut i = 0;
         while i < self.rooms.len() {
             let expired = self.rooms[i]
@@ -1263,20 +1416,85 @@ impl ShardCore {
                 i += 1;
                 continue;
             }
-            let room = self.rooms.swap_remove(i);
-            self.room_index.remove(&room.id());
-            if let Some(moved) = self.rooms.get(i) {
-                self.room_index.insert(moved.id(), i);
+            self.remove_room(i, now, RoomEnd::Empty);
+        }
+    }
+
+    /// Removes room `i` and records its final result.
+    fn remove_room(&mut self, i: usize, now: Instant, end: RoomEnd) {
+        let room = self.rooms.swap_remove(i);
+        self.room_index.remove(&room.id());
+        if let Some(moved) = self.rooms.get(i) {
+            self.room_index.insert(moved.id(), i);
+        }
+        let standings: Vec<Standing> = room.final_result();
+        info!(
+            shard = self.config.shard.0,
+            room = %room.id(),
+            mode = room.mode().name,
+            ticks = room.tick_number().0,
+            end = %end,
+            players = standings.len(),
+            "room ended"
+        );
+        self.results.push_back(RoomResult {
+            room: room.id(),
+            mode: room.mode().name.clone(),
+            ticks: room.tick_number(),
+            age: now.saturating_duration_since(room.created()),
+            end,
+            standings,
+        });
+        self.counters.rooms_closed += 1;
+        self.directory_dirty = true;
+    }
+
+    /// Ends room `i` with its players still seated: each gets `Left` with `reason`, then the
+    /// room's result is recorded.
+    fn end_room(&mut self, i: usize, now: Instant, reason: LeaveReason, end: RoomEnd) {
+        let room_id = self.rooms[i].id();
+        let members: Vec<_> = self.rooms[i].members().collect();
+        let left = ControlMsg::Left {
+            room_id: room_id.0,
+            reason,
+        };
+        for (player, route) in members {
+            match route {
+                Route::Local(ch) => {
+                    if let Some(c) = self.conns.get_mut(ch).and_then(Option::as_mut) {
+                        if c.session.seat == Seat::In(room_id) {
+                            c.session.seat = Seat::None;
+                        }
+                    }
+                }
+                Route::Remote(_) => {
+                    self.guests.remove(&player);
+                }
             }
-            info!(
-                shard = self.config.shard.0,
-                room = %room.id(),
-                mode = room.mode().name,
-                ticks = room.tick_number().0,
-                "empty room closed"
-            );
-            self.counters.rooms_closed += 1;
-            self.directory_dirty = true;
+            // The remote shard clears the seat when it forwards `Left`.
+            self.send_to_player(route, player, &left, now);
+        }
+        self.remove_room(i, now, end);
+    }
+
+    /// Cuts everything short: ends every room (results recorded, players told `Left` with
+    /// reason Draining) and closes every connection with SHUTTING_DOWN and `reason`.
+    fn stop(&mut self, now: Instant, reason: &str) {
+        while !self.rooms.is_empty() {
+            let i = self.rooms.len() - 1;
+            self.end_room(i, now, LeaveReason::Draining, RoomEnd::Shutdown);
+        }
+        self.close_all(now, codes::SHUTTING_DOWN, reason);
+        self.drain = DrainState::Stopped;
+    }
+
+    fn drain_notice(&self, now: Instant, deadline: Instant) -> ControlMsg {
+        ControlMsg::DrainNotice {
+            grace_ms: deadline
+                .saturating_duration_since(now)
+                .as_millis()
+                .min(u32::MAX as u128) as u32,
+            reconnect_hint: self.reconnect_hint.clone(),
         }
     }
 
@@ -1322,6 +1540,7 @@ fn join_error_text(code: u16) -> &'static str {
         codes::ROOM_FULL => "room is full",
         codes::ALREADY_IN_ROOM => "already in a room",
         codes::UNKNOWN_MODE => "no such game mode",
+        codes::SERVER_DRAINING => "server is draining: no new rooms",
         _ => "join failed",
     }
 }

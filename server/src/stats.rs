@@ -26,6 +26,7 @@ pub enum Phase {
 pub const PHASE_NAMES: [&str; 5] = ["ingest", "apply", "simulate", "snapshot", "flush"];
 
 /// Tick health of one shard.
+#[derive(Clone)]
 pub struct TickStats {
     /// How late each room tick started after its deadline (µs).
     pub lateness_us: Histogram<u64>,

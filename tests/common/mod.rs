@@ -58,6 +58,8 @@ pub struct Server {
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
     pub fingerprint: String,
+    /// The admin HTTP address (tests bind it on a free loopback port), if enabled.
+    pub admin: Option<SocketAddr>,
 }
 
 impl Drop for Server {
@@ -69,7 +71,7 @@ impl Drop for Server {
 }
 
 impl Server {
-    /// Starts `tickshard` with `args` on 127.0.0.1, port chosen by the OS.
+    /// Starts `tickshard` with `args` on 127.0.0.1, ports (game and admin) chosen by the OS.
     pub fn start(name: &str, args: &[&str]) -> Server {
         Self::start_binary(binary("tickshard"), name, args)
     }
@@ -86,6 +88,12 @@ impl Server {
         let mut child = Command::new(exe)
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(&data_dir)
+            .args(
+                (!args.contains(&"--admin"))
+                    .then_some(["--admin", "127.0.0.1:0"])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(args)
             .env(
                 "RUST_LOG",
@@ -108,11 +116,16 @@ impl Server {
             .parse()
             .unwrap();
         let fingerprint = line.split("sha256=").nth(1).unwrap().trim().to_string();
+        let admin = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("admin="))
+            .and_then(|a| a.parse().ok());
         Server {
             child,
             addr,
             data_dir,
             fingerprint,
+            admin,
         }
     }
 

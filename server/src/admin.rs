@@ -1,0 +1,948 @@
+//! The admin HTTP endpoint: Prometheus metrics, health, status, and operator actions.
+//!
+//! It runs on its own thread, never on a shard executor, and never slows a tick: shards
+//! publish a [`ShardReport`] into their slot of the [`Hub`] every `REPORT_INTERVAL` from
+//! their housekeeping, and this thread only reads the latest one. Actions go the other way
+//! through a queue per shard that the shard drains in housekeeping (every 50 ms); the reply
+//! comes back on a one-shot channel, and a shard that does not answer within
+//! [`ACTION_TIMEOUT`] gets the request a 503.
+//!
+//! The HTTP server is a small hand-rolled HTTP/1.1 subset over `std::net::TcpListener`: one
+//! thread, one request per connection (`Connection: close`), strict limits
+//! ([`MAX_HEADER`], [`MAX_BODY`], [`IO_TIMEOUT`]). Admin traffic is a scrape every few
+//! seconds and the odd action; one thread is plenty and cannot be made to use more.
+//!
+//! # Endpoints
+//! - `GET /metrics` (Prometheus text 0.0.4), `GET /healthz`, `GET /readyz`, `GET /status`,
+//!   `GET /rooms?shard=N&mode=M&min_free=K`;
+//! - `POST /rooms/{id}/close` (`{"reason": "..."}` optional), `POST /players/{id}/kick`
+//!   (`{"reason": "..."}`), `POST /shards/{n}/drain`, `POST /drain`.
+//!
+//! With a token configured, every endpoint but `/healthz` and `/readyz` (probes) needs
+//! `Authorization: Bearer TOKEN`. Errors are JSON: `{"error": "..."}`.
+
+use crate::ids::{PlayerId, RoomId, ShardId};
+use crate::ops::{Command, CommandError, DrainState, ShardReport};
+use crate::stats::PHASE_NAMES;
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::{debug, warn};
+
+/// Largest request head (request line and headers).
+pub const MAX_HEADER: usize = 8 * 1024;
+/// Largest request body.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Read and write timeout of one admin connection; the whole request must arrive within it.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long an action waits for its shard (which answers within one housekeeping pass,
+/// 50 ms, unless it is stuck).
+pub const ACTION_TIMEOUT: Duration = Duration::from_secs(2);
+/// A shard whose last report is older than this is not ready (reports come every 250 ms).
+pub const REPORT_STALE: Duration = Duration::from_secs(3);
+
+/// Bucket bounds (seconds) of the tick lateness and duration histograms.
+pub const TIME_BUCKETS: [f64; 16] = [
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0,
+];
+/// Bucket bounds of the input queue depth histogram (commands).
+pub const DEPTH_BUCKETS: [f64; 9] = [0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0];
+
+/// Something for the supervisor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcessEvent {
+    /// `POST /drain`: drain the process.
+    Drain,
+}
+
+/// A command for a shard with where to send the outcome.
+pub struct Envelope {
+    /// The command.
+    pub cmd: Command,
+    /// Where the outcome goes (a one-shot channel), if anyone waits for it.
+    pub reply: Option<mpsc::SyncSender<Result<(), CommandError>>>,
+}
+
+struct Slot {
+    report: Option<Arc<ShardReport>>,
+    at: Option<Instant>,
+}
+
+/// What shards, the supervisor and the admin thread share: a report slot and a command
+/// queue per shard, the supervisor's event queue, and a few process flags.
+pub struct Hub {
+    slots: Vec<Mutex<Slot>>,
+    commands: Vec<mpsc::Sender<Envelope>>,
+    events: mpsc::Sender<ProcessEvent>,
+    token: Option<String>,
+    draining: AtomicBool,
+    alive: AtomicUsize,
+    stop: AtomicBool,
+    started: Instant,
+}
+
+/// Marks a shard as running while it lives.
+pub struct AliveGuard(Arc<Hub>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.alive.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Hub {
+    /// A hub for `shards` shards with their command queues.
+    pub fn new(
+        shards: usize,
+        commands: Vec<mpsc::Sender<Envelope>>,
+        events: mpsc::Sender<ProcessEvent>,
+        token: Option<String>,
+    ) -> Self {
+        Hub {
+            slots: (0..shards)
+                .map(|_| {
+                    Mutex::new(Slot {
+                        report: None,
+                        at: None,
+                    })
+                })
+                .collect(),
+            commands,
+            events,
+            token: token.filter(|t| !t.is_empty()),
+            draining: AtomicBool::new(false),
+            alive: AtomicUsize::new(shards),
+            stop: AtomicBool::new(false),
+            started: Instant::now(),
+        }
+    }
+
+    /// Called by a shard as it starts; the guard counts it as running until dropped.
+    pub fn shard_started(self: &Arc<Self>) -> AliveGuard {
+        AliveGuard(self.clone())
+    }
+
+    /// Shards still running.
+    pub fn shards_alive(&self) -> usize {
+        self.alive.load(Ordering::Relaxed)
+    }
+
+    /// Stores a shard's latest report.
+    pub fn publish(&self, shard: ShardId, report: ShardReport) {
+        if let Some(slot) = self.slots.get(shard.0 as usize) {
+            let mut s = slot.lock().unwrap_or_else(|e| e.into_inner());
+            s.report = Some(Arc::new(report));
+            s.at = Some(Instant::now());
+        }
+    }
+
+    /// Every shard's latest report.
+    pub fn reports(&self) -> Vec<Option<Arc<ShardReport>>> {
+        self.slots
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).report.clone())
+            .collect()
+    }
+
+    fn report_ages(&self) -> Vec<Option<Duration>> {
+        self.slots
+            .iter()
+            .map(|s| {
+                s.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .at
+                    .map(|t| t.elapsed())
+            })
+            .collect()
+    }
+
+    /// The process is draining.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the process is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Sends `cmd` to every shard without waiting.
+    pub fn broadcast(&self, cmd: Command) {
+        for tx in &self.commands {
+            let _ = tx.send(Envelope {
+                cmd: cmd.clone(),
+                reply: None,
+            });
+        }
+    }
+
+    /// Sends `cmd` to `shard` and waits for the outcome; `None` if the shard did not answer.
+    pub fn ask(&self, shard: usize, cmd: Command) -> Option<Result<(), CommandError>> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.commands
+            .get(shard)?
+            .send(Envelope {
+                cmd,
+                reply: Some(tx),
+            })
+            .ok()?;
+        rx.recv_timeout(ACTION_TIMEOUT).ok()
+    }
+
+    /// Asks the admin thread to stop.
+    pub fn stop_admin(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Starts the admin thread on `listener`.
+pub fn spawn(listener: TcpListener, hub: Arc<Hub>) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("admin".into())
+        .spawn(move || run(listener, hub))
+        .expect("spawning the admin thread")
+}
+
+fn run(listener: TcpListener, hub: Arc<Hub>) {
+    if let Err(e) = listener.set_nonblocking(true) {
+        warn!(error = %e, "admin listener");
+    }
+    while !hub.stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => handle_connection(stream, &hub),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => {
+                debug!(error = %e, "admin accept");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// One parsed request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// Method.
+    pub method: String,
+    /// Path without the query.
+    pub path: String,
+    /// Query string (after `?`), possibly empty.
+    pub query: String,
+    /// The bearer token, if any.
+    pub bearer: Option<String>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+/// An HTTP response.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Content type.
+    pub content_type: &'static str,
+    /// Body.
+    pub body: String,
+}
+
+impl Response {
+    fn json(status: u16, v: Value) -> Self {
+        Response {
+            status,
+            content_type: "application/json",
+            body: v.to_string(),
+        }
+    }
+    fn error(status: u16, msg: impl Into<String>) -> Self {
+        Self::json(status, json!({ "error": msg.into() }))
+    }
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        202 => "Accepted",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        413 => "Payload Too Large",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "",
+    }
+}
+
+fn handle_connection(mut stream: TcpStream, hub: &Hub) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+    let response = match read_request(&mut stream) {
+        Ok(req) => route(&req, hub),
+        Err(r) => r,
+    };
+    let head = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        response.status,
+        reason_phrase(response.status),
+        response.content_type,
+        response.body.len()
+    );
+    let _ = stream
+        .write_all(head.as_bytes())
+        .and_then(|_| stream.write_all(response.body.as_bytes()));
+    let _ = stream.flush();
+}
+
+/// Reads one request within the limits; an `Err` is the response to send instead.
+fn read_request(stream: &mut TcpStream) -> Result<Request, Response> {
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = find(&buf, b"\r\n\r\n") {
+            break i;
+        }
+        if buf.len() > MAX_HEADER {
+            return Err(Response::error(431, "request head exceeds 8 KiB"));
+        }
+        if Instant::now() > deadline {
+            return Err(Response::error(408, "request too slow"));
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => return Err(Response::error(400, "incomplete request")),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => return Err(Response::error(408, "request too slow")),
+        }
+    };
+    if head_end > MAX_HEADER {
+        return Err(Response::error(431, "request head exceeds 8 KiB"));
+    }
+    let head = std::str::from_utf8(&buf[..head_end])
+        .map_err(|_| Response::error(400, "request head is not UTF-8"))?;
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next().unwrap_or("");
+    let mut parts = request_line.split(' ');
+    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(Response::error(400, "bad request line"));
+    };
+    if !version.starts_with("HTTP/1.") || parts.next().is_some() {
+        return Err(Response::error(400, "bad request line"));
+    }
+    let mut length = 0usize;
+    let mut bearer = None;
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            return Err(Response::error(400, "bad header line"));
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            length = value
+                .parse()
+                .map_err(|_| Response::error(400, "bad content-length"))?;
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(Response::error(400, "transfer-encoding is not supported"));
+        } else if name.eq_ignore_ascii_case("authorization") {
+            bearer = value.strip_prefix("Bearer ").map(|t| t.trim().to_string());
+        }
+    }
+    if length > MAX_BODY {
+        return Err(Response::error(413, "request body exceeds 64 KiB"));
+    }
+    let mut body = buf[head_end + 4..].to_vec();
+    while body.len() < length {
+        if Instant::now() > deadline {
+            return Err(Response::error(408, "request too slow"));
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => return Err(Response::error(400, "incomplete body")),
+            Ok(n) => body.extend_from_slice(&chunk[..n]),
+            Err(_) => return Err(Response::error(408, "request too slow")),
+        }
+    }
+    body.truncate(length);
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    Ok(Request {
+        method: method.to_string(),
+        path: path.to_string(),
+        query: query.to_string(),
+        bearer,
+        body,
+    })
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Answers one request.
+pub fn route(req: &Request, hub: &Hub) -> Response {
+    let segments: Vec<&str> = req.path.trim_matches('/').split('/').collect();
+    let get = req.method == "GET";
+    let post = req.method == "POST";
+    // (allowed method, handler) by path shape; None: unknown path.
+    let allowed = match segments.as_slice() {
+        ["metrics"] | ["healthz"] | ["readyz"] | ["status"] | ["rooms"] => "GET",
+        ["rooms", _, "close"] | ["players", _, "kick"] | ["shards", _, "drain"] | ["drain"] => {
+            "POST"
+        }
+        _ => return Response::error(404, format!("no such endpoint: {}", req.path)),
+    };
+    if (allowed == "GET" && !get) || (allowed == "POST" && !post) {
+        return Response::error(405, format!("{} needs {allowed}", req.path));
+    }
+    let probe = matches!(segments.as_slice(), ["healthz"] | ["readyz"]);
+    if let Some(token) = &hub.token {
+        if !probe && req.bearer.as_deref() != Some(token.as_str()) {
+            return Response::error(401, "missing or wrong bearer token");
+        }
+    }
+    match segments.as_slice() {
+        ["healthz"] => Response::json(200, json!({"status": "alive"})),
+        ["readyz"] => readyz(hub),
+        ["metrics"] => Response {
+            status: 200,
+            content_type: "text/plain; version=0.0.4",
+            body: render_metrics(&hub.reports(), hub.started.elapsed(), hub.is_draining()),
+        },
+        ["status"] => Response::json(200, status(hub)),
+        ["rooms"] => rooms(hub, &req.query),
+        ["rooms", id, "close"] => {
+            let Ok(id) = id.parse::<u64>() else {
+                return Response::error(400, "room id must be a number");
+            };
+            let reason = match body_reason(&req.body, "closed by an operator") {
+                Ok(r) => r,
+                Err(r) => return r,
+            };
+            let room = RoomId(id);
+            act(
+                hub,
+                room.shard().0 as usize,
+                Command::CloseRoom { room, reason },
+                "no such room",
+            )
+        }
+        ["players", id, "kick"] => {
+            let Ok(id) = id.parse::<u64>() else {
+                return Response::error(400, "player id must be a number");
+            };
+            let reason = match body_reason(&req.body, "kicked by an operator") {
+                Ok(r) => r,
+                Err(r) => return r,
+            };
+            let player = PlayerId(id);
+            act(
+                hub,
+                player.shard().0 as usize,
+                Command::Kick { player, reason },
+                "no such player",
+            )
+        }
+        ["shards", n, "drain"] => {
+            let Ok(n) = n.parse::<usize>() else {
+                return Response::error(400, "shard must be a number");
+            };
+            act(hub, n, Command::DrainShard, "no such shard")
+        }
+        ["drain"] => {
+            let _ = hub.events.send(ProcessEvent::Drain);
+            Response::json(202, json!({"ok": true, "draining": true}))
+        }
+        _ => Response::error(404, format!("no such endpoint: {}", req.path)),
+    }
+}
+
+/// The `reason` of a JSON body, or `default` for an empty body.
+fn body_reason(body: &[u8], default: &str) -> Result<String, Response> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(default.to_string());
+    }
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| Response::error(400, format!("bad JSON body: {e}")))?;
+    match v.get("reason") {
+        None | Some(Value::Null) => Ok(default.to_string()),
+        Some(Value::String(s)) if s.len() <= tickshard_schema::MAX_SHORT_STRING => Ok(s.clone()),
+        Some(Value::String(_)) => Err(Response::error(400, "reason is too long (256 bytes)")),
+        Some(_) => Err(Response::error(400, "reason must be a string")),
+    }
+}
+
+fn act(hub: &Hub, shard: usize, cmd: Command, not_found: &str) -> Response {
+    if shard >= hub.commands.len() {
+        return Response::error(404, not_found);
+    }
+    match hub.ask(shard, cmd) {
+        Some(Ok(())) => Response::json(200, json!({"ok": true})),
+        Some(Err(e)) => Response::error(404, e.to_string()),
+        None => Response::error(503, format!("shard {shard} did not answer")),
+    }
+}
+
+fn readyz(hub: &Hub) -> Response {
+    if hub.is_draining() {
+        return Response::error(503, "draining");
+    }
+    let reports = hub.reports();
+    for (i, (r, age)) in reports.iter().zip(hub.report_ages()).enumerate() {
+        match (r, age) {
+            (Some(r), Some(age)) if age <= REPORT_STALE && r.drain != DrainState::Stopped => {}
+            (None, _) => return Response::error(503, format!("shard {i} has not started")),
+            _ => return Response::error(503, format!("shard {i} is not running")),
+        }
+    }
+    Response::json(200, json!({"status": "ready"}))
+}
+
+fn status(hub: &Hub) -> Value {
+    let reports = hub.reports();
+    let shards: Vec<Value> = reports
+        .iter()
+        .enumerate()
+        .map(|(i, r)| match r {
+            None => json!({"id": i, "running": false}),
+            Some(r) => json!({
+                "id": i,
+                "running": r.drain != DrainState::Stopped,
+                "rooms": r.rooms.len(),
+                "players": r.players,
+                "connections": r.connections,
+                "tick_p50_us": r.ticks.duration_us.value_at_quantile(0.5),
+                "tick_p99_us": r.ticks.duration_us.value_at_quantile(0.99),
+                "lateness_p99_us": r.ticks.lateness_us.value_at_quantile(0.99),
+                "overruns": r.ticks.overruns,
+                "ticks": r.ticks.ticks,
+                "cpu_seconds": r.cpu_seconds,
+                "draining": r.drain.is_draining(),
+            }),
+        })
+        .collect();
+    json!({
+        "process": {
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_seconds": hub.started.elapsed().as_secs_f64(),
+            "draining": hub.is_draining(),
+            "shards": reports.len(),
+            "pid": std::process::id(),
+        },
+        "shards": shards,
+        "rooms": room_list(&reports, |_, _| true),
+    })
+}
+
+fn room_list(
+    reports: &[Option<Arc<ShardReport>>],
+    keep: impl Fn(usize, &crate::shard::RoomInfo) -> bool,
+) -> Vec<Value> {
+    let mut out = Vec::new();
+    for (i, r) in reports.iter().enumerate() {
+        let Some(r) = r else { continue };
+        for room in r.rooms.iter().filter(|room| keep(i, room)) {
+            out.push(json!({
+                "id": room.id.0,
+                "shard": i,
+                "mode": room.mode,
+                "players": room.players,
+                "capacity": room.capacity,
+                "tick": room.tick.0,
+                "age_seconds": room.age.as_secs_f64(),
+            }));
+        }
+    }
+    out
+}
+
+fn rooms(hub: &Hub, query: &str) -> Response {
+    let mut shard: Option<usize> = None;
+    let mut mode: Option<String> = None;
+    let mut min_free: usize = 0;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "shard" => match v.parse() {
+                Ok(n) => shard = Some(n),
+                Err(_) => return Response::error(400, "shard must be a number"),
+            },
+            "mode" => mode = Some(v.to_string()),
+            "min_free" => match v.parse() {
+                Ok(n) => min_free = n,
+                Err(_) => return Response::error(400, "min_free must be a number"),
+            },
+            _ => return Response::error(400, format!("unknown filter: {k}")),
+        }
+    }
+    let list = room_list(&hub.reports(), |i, room| {
+        shard.is_none_or(|s| s == i)
+            && mode.as_deref().is_none_or(|m| m == room.mode)
+            && (room.capacity as usize).saturating_sub(room.players) >= min_free
+    });
+    Response::json(200, json!({ "rooms": list }))
+}
+
+/// Writes the `# HELP` and `# TYPE` lines of a metric family.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Writes the samples of one histogram: cumulative `_bucket{le=...}` for each bound and
+/// `+Inf`, then `_sum` and `_count`. `labels` is `key="value",...` (may be empty); `scale`
+/// converts recorded values to the exported unit (1e-6 for microseconds to seconds). The
+/// HDR histogram keeps no exact sum: `_sum` is its mean times its count.
+pub fn render_histogram(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    h: &Histogram<u64>,
+    bounds: &[f64],
+    scale: f64,
+) {
+    let sep = if labels.is_empty() { "" } else { "," };
+    let mut counts = vec![0u64; bounds.len()];
+    for v in h.iter_recorded() {
+        let value = v.value_iterated_to() as f64 * scale;
+        if let Some(b) = bounds.iter().position(|&b| value <= b * (1.0 + 1e-9)) {
+            counts[b] += v.count_at_value();
+        }
+    }
+    let mut cumulative = 0u64;
+    for (b, c) in bounds.iter().zip(&counts) {
+        cumulative += c;
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cumulative}");
+    }
+    let total = h.len();
+    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {total}");
+    let sum = if total == 0 {
+        0.0
+    } else {
+        h.mean() * total as f64 * scale
+    };
+    let braces = |s: &str| {
+        if s.is_empty() {
+            String::new()
+        } else {
+            format!("{{{s}}}")
+        }
+    };
+    let _ = writeln!(out, "{name}_sum{} {sum}", braces(labels));
+    let _ = writeln!(out, "{name}_count{} {total}", braces(labels));
+}
+
+/// Renders every metric in the Prometheus text format 0.0.4.
+pub fn render_metrics(
+    reports: &[Option<Arc<ShardReport>>],
+    uptime: Duration,
+    draining: bool,
+) -> String {
+    let mut out = String::with_capacity(16 * 1024);
+    let shards: Vec<&ShardReport> = reports.iter().flatten().map(|r| &**r).collect();
+    let label = |r: &ShardReport| format!("shard=\"{}\"", r.shard.0);
+
+    family(
+        &mut out,
+        "tickshard_build_info",
+        "gauge",
+        "Build information.",
+    );
+    let _ = writeln!(
+        out,
+        "tickshard_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    family(
+        &mut out,
+        "tickshard_uptime_seconds",
+        "gauge",
+        "Seconds since the process started.",
+    );
+    let _ = writeln!(out, "tickshard_uptime_seconds {}", uptime.as_secs_f64());
+    family(
+        &mut out,
+        "tickshard_draining",
+        "gauge",
+        "1 while the process drains.",
+    );
+    let _ = writeln!(out, "tickshard_draining {}", u8::from(draining));
+
+    family(
+        &mut out,
+        "tickshard_tick_lateness_seconds",
+        "histogram",
+        "How late each room tick started after its deadline.",
+    );
+    for r in &shards {
+        render_histogram(
+            &mut out,
+            "tickshard_tick_lateness_seconds",
+            &label(r),
+            &r.ticks.lateness_us,
+            &TIME_BUCKETS,
+            1e-6,
+        );
+    }
+    family(
+        &mut out,
+        "tickshard_tick_duration_seconds",
+        "histogram",
+        "Duration of each room tick, in total and by phase.",
+    );
+    for r in &shards {
+        let l = format!("{},phase=\"total\"", label(r));
+        render_histogram(
+            &mut out,
+            "tickshard_tick_duration_seconds",
+            &l,
+            &r.ticks.duration_us,
+            &TIME_BUCKETS,
+            1e-6,
+        );
+        for (name, h) in PHASE_NAMES.iter().zip(&r.ticks.phase_us) {
+            let l = format!("{},phase=\"{name}\"", label(r));
+            render_histogram(
+                &mut out,
+                "tickshard_tick_duration_seconds",
+                &l,
+                h,
+                &TIME_BUCKETS,
+                1e-6,
+            );
+        }
+    }
+    family(
+        &mut out,
+        "tickshard_input_queue_depth",
+        "histogram",
+        "Input commands waiting per seat at the ingest phase.",
+    );
+    for r in &shards {
+        render_histogram(
+            &mut out,
+            "tickshard_input_queue_depth",
+            &label(r),
+            &r.ticks.input_queue_depth,
+            &DEPTH_BUCKETS,
+            1.0,
+        );
+    }
+
+    type Get = fn(&ShardReport) -> f64;
+    let simple: [(&str, &str, &str, Get); 9] = [
+        (
+            "tickshard_tick_overruns_total",
+            "counter",
+            "Tick deadlines skipped.",
+            |r| r.ticks.overruns as f64,
+        ),
+        ("tickshard_ticks_total", "counter", "Room ticks run.", |r| {
+            r.ticks.ticks as f64
+        }),
+        ("tickshard_rooms", "gauge", "Rooms hosted.", |r| {
+            r.rooms.len() as f64
+        }),
+        (
+            "tickshard_players",
+            "gauge",
+            "Welcomed players connected.",
+            |r| r.players as f64,
+        ),
+        (
+            "tickshard_connections",
+            "gauge",
+            "Open QUIC connections.",
+            |r| r.connections as f64,
+        ),
+        (
+            "tickshard_handshakes_total",
+            "counter",
+            "Connections accepted.",
+            |r| r.counters.handshakes as f64,
+        ),
+        (
+            "tickshard_connections_refused_total",
+            "counter",
+            "Connections refused (full or draining).",
+            |r| r.counters.refused as f64,
+        ),
+        (
+            "tickshard_shard_draining",
+            "gauge",
+            "1 while the shard drains.",
+            |r| u8::from(r.drain.is_draining()) as f64,
+        ),
+        (
+            "tickshard_shard_cpu_seconds_total",
+            "counter",
+            "CPU time of the shard thread.",
+            |r| r.cpu_seconds,
+        ),
+    ];
+    for (name, kind, help, get) in simple {
+        family(&mut out, name, kind, help);
+        for r in &shards {
+            let _ = writeln!(out, "{name}{{{}}} {}", label(r), get(r));
+        }
+    }
+    family(
+        &mut out,
+        "tickshard_datagrams_total",
+        "counter",
+        "UDP datagrams by direction.",
+    );
+    for r in &shards {
+        let _ = writeln!(
+            out,
+            "tickshard_datagrams_total{{{},direction=\"in\"}} {}",
+            label(r),
+            r.counters.udp_in
+        );
+        let _ = writeln!(
+            out,
+            "tickshard_datagrams_total{{{},direction=\"out\"}} {}",
+            label(r),
+            r.counters.udp_out
+        );
+    }
+    family(
+        &mut out,
+        "tickshard_bytes_total",
+        "counter",
+        "UDP bytes by direction.",
+    );
+    for r in &shards {
+        let _ = writeln!(
+            out,
+            "tickshard_bytes_total{{{},direction=\"in\"}} {}",
+            label(r),
+            r.counters.udp_bytes_in
+        );
+        let _ = writeln!(
+            out,
+            "tickshard_bytes_total{{{},direction=\"out\"}} {}",
+            label(r),
+            r.counters.udp_bytes_out
+        );
+    }
+    family(
+        &mut out,
+        "tickshard_drops_total",
+        "counter",
+        "Things dropped, by reason.",
+    );
+    for r in &shards {
+        let c = &r.counters;
+        for (reason, v) in [
+            ("malformed_datagram", c.malformed_datagrams),
+            ("malformed_frame", c.malformed_frames),
+            ("input_not_in_room", c.input_not_in_room),
+            ("input_stale", c.inputs_stale),
+            ("input_queue_full", c.inputs_dropped),
+            ("udp_send_error", c.udp_send_errors),
+            ("datagram_send_error", c.datagram_send_errors),
+            ("snapshot_deferred", c.snapshot_deferred),
+        ] {
+            let _ = writeln!(
+                out,
+                "tickshard_drops_total{{{},reason=\"{reason}\"}} {v}",
+                label(r)
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_renders_cumulative_buckets_sum_and_count() {
+        let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+        for v in [5u64, 20, 20, 700, 3_000, 2_000_000] {
+            h.record(v).unwrap();
+        }
+        let mut out = String::new();
+        render_histogram(
+            &mut out,
+            "m",
+            "shard=\"0\"",
+            &h,
+            &[0.00001, 0.001, 0.01],
+            1e-6,
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines[..4],
+            [
+                "m_bucket{shard=\"0\",le=\"0.00001\"} 1",
+                "m_bucket{shard=\"0\",le=\"0.001\"} 4",
+                "m_bucket{shard=\"0\",le=\"0.01\"} 5",
+                "m_bucket{shard=\"0\",le=\"+Inf\"} 6",
+            ]
+        );
+        let sum: f64 = lines[4]
+            .strip_prefix("m_sum{shard=\"0\"} ")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((sum - 2.003745).abs() < 0.01, "{sum}");
+        assert_eq!(lines[5], "m_count{shard=\"0\"} 6");
+        // Without labels.
+        let mut out = String::new();
+        render_histogram(&mut out, "m", "", &h, &[1.0], 1e-6);
+        assert!(out.starts_with("m_bucket{le=\"1\"} 5\nm_bucket{le=\"+Inf\"} 6\nm_sum "));
+        assert!(out.ends_with("m_count 6\n"));
+    }
+
+    fn hub() -> (Hub, mpsc::Receiver<Envelope>) {
+        let (tx, rx) = mpsc::channel();
+        let (etx, _erx) = mpsc::channel();
+        (Hub::new(1, vec![tx], etx, Some("t".into())), rx)
+    }
+
+    fn req(method: &str, path: &str, token: Option<&str>, body: &str) -> Request {
+        Request {
+            method: method.into(),
+            path: path.into(),
+            query: String::new(),
+            bearer: token.map(str::to_string),
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn bad_requests_get_4xx_with_a_message() {
+        let (hub, _rx) = hub();
+        for (r, status) in [
+            (req("GET", "/status", None, ""), 401),
+            (req("GET", "/status", Some("x"), ""), 401),
+            (req("GET", "/nope", Some("t"), ""), 404),
+            (req("POST", "/status", Some("t"), ""), 405),
+            (req("GET", "/drain", Some("t"), ""), 405),
+            (req("POST", "/players/abc/kick", Some("t"), ""), 400),
+            (req("POST", "/players/1/kick", Some("t"), "{not json"), 400),
+            (
+                req("POST", "/players/1/kick", Some("t"), "{\"reason\": 5}"),
+                400,
+            ),
+            (req("POST", "/shards/7/drain", Some("t"), ""), 404),
+        ] {
+            let resp = route(&r, &hub);
+            assert_eq!(resp.status, status, "{r:?}: {}", resp.body);
+            let v: Value = serde_json::from_str(&resp.body).unwrap();
+            assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()));
+        }
+        // Probes need no token.
+        assert_eq!(route(&req("GET", "/healthz", None, ""), &hub).status, 200);
+        assert_eq!(route(&req("GET", "/readyz", None, ""), &hub).status, 503);
+    }
+}
