@@ -81,7 +81,16 @@ impl Server {
         Self::start_binary(release_binary("tickshard"), name, args)
     }
 
+    /// Like [`Server::start`], with extra environment variables.
+    pub fn start_with_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::spawn(binary("tickshard"), name, args, env)
+    }
+
     fn start_binary(exe: PathBuf, name: &str, args: &[&str]) -> Server {
+        Self::spawn(exe, name, args, &[])
+    }
+
+    fn spawn(exe: PathBuf, name: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
         let data_dir =
             std::env::temp_dir().join(format!("tickshard-e2e-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&data_dir);
@@ -99,6 +108,7 @@ impl Server {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
