@@ -4,6 +4,7 @@
 //! cargo bench --bench swarm                      # 1,000 bots, once
 //! cargo bench --bench swarm -- --bots 2000 --runs 3
 //! cargo bench --bench swarm -- --sweep           # the largest N held at 30 Hz
+//! cargo bench --bench swarm -- --scrape-ms 100   # with /metrics scraped every 100 ms
 //! ```
 //!
 //! The server runs with one shard, pinned to core 0; the swarm runs with one event loop,
@@ -32,6 +33,7 @@ use std::time::Duration;
 
 struct Opts {
     bots: usize,
+    scrape_ms: u64,
     runs: usize,
     sweep: bool,
     window: u64,
@@ -42,6 +44,7 @@ struct Opts {
 fn parse_opts() -> Opts {
     let mut o = Opts {
         bots: 1000,
+        scrape_ms: 0,
         runs: 1,
         sweep: false,
         window: 20,
@@ -61,6 +64,7 @@ fn parse_opts() -> Opts {
             "--window" => o.window = num("--window").max(5),
             "--room" => o.room = num("--room").max(1) as usize,
             "--sweep" => o.sweep = true,
+            "--scrape-ms" => o.scrape_ms = num("--scrape-ms"),
             // `cargo bench` passes --bench; filters do not apply here.
             _ => {}
         }
@@ -157,7 +161,14 @@ fn run_point(bin: &Path, o: &Opts, bots: usize) -> Point {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("bench directory");
     let mut server = pinned(&mut Command::new(bin.join("tickshard")), 0)
-        .args(["--listen", "127.0.0.1:0", "--shards", "1"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--shards",
+            "1",
+            "--admin",
+            "127.0.0.1:0",
+        ])
         .args(["--room-capacity", &o.room.to_string()])
         .args(["--tick-rate", &o.tick_rate.to_string()])
         .args(["--stats-interval", &o.window.to_string()])
@@ -184,6 +195,26 @@ fn run_point(bin: &Path, o: &Opts, bots: usize) -> Point {
         .expect("fingerprint")
         .trim()
         .to_string();
+    let admin = first
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("admin="))
+        .expect("admin address")
+        .to_string();
+    // Optional load on the admin endpoint: a Prometheus scrape every `scrape_ms`.
+    let scraping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(o.scrape_ms > 0));
+    let scraper = {
+        let (on, admin, every) = (scraping.clone(), admin.clone(), o.scrape_ms);
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while on.load(std::sync::atomic::Ordering::Relaxed) {
+                if scrape(&admin) {
+                    n += 1;
+                }
+                std::thread::sleep(Duration::from_millis(every));
+            }
+            n
+        })
+    };
     let stderr = server.stderr.take().expect("stderr");
     let log = std::thread::spawn(move || {
         BufReader::new(stderr)
@@ -203,11 +234,23 @@ fn run_point(bin: &Path, o: &Opts, bots: usize) -> Point {
         .args(["--duration", &format!("{}s", o.window + settle)])
         .args(["--tick-rate", &o.tick_rate.to_string()])
         .args(["--server-pid", &server.id().to_string()])
-        .args(["--progress", "off", "--join-timeout", "20s"])
+        .args([
+            "--progress",
+            "off",
+            "--join-timeout",
+            "20s",
+            "--admin",
+            &admin,
+        ])
         .arg("--json")
         .arg(&json)
         .output()
         .expect("run client-sim");
+    scraping.store(false, std::sync::atomic::Ordering::Relaxed);
+    let scrapes = scraper.join().unwrap_or(0);
+    if o.scrape_ms > 0 {
+        println!("  ({scrapes} scrapes of /metrics during the run)");
+    }
     std::thread::sleep(Duration::from_millis(200));
     // SAFETY: signalling our own child.
     unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
@@ -250,6 +293,26 @@ fn run_point(bin: &Path, o: &Opts, bots: usize) -> Point {
         mem_per_player: g(&["steady", "server_bytes_per_player"]),
         rtt_p99_ms: g(&["rtt_ms", "p99"]),
     }
+}
+
+/// One `GET /metrics`; whether it answered 200.
+fn scrape(admin: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(admin) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+    )
+    .is_err()
+    {
+        return false;
+    }
+    let mut body = Vec::new();
+    let _ = s.read_to_end(&mut body);
+    body.starts_with(b"HTTP/1.1 200")
 }
 
 fn print_header() {

@@ -38,7 +38,8 @@ struct Args {
     /// Join this room id instead of quick match.
     #[arg(long)]
     room: Option<u64>,
-    /// Bot behaviour: wander, chase, idle, spam or chaos.
+    /// Bot behaviour: wander, chase, idle, spam or chaos. Whatever the behaviour, a bot that
+    /// gets a drain notice leaves its room and closes, as a game client would.
     #[arg(long, default_value = "wander")]
     behavior: Behavior,
     /// Seed: the same seed makes the same swarm.

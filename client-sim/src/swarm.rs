@@ -785,7 +785,19 @@ impl<'a> Loop<'a> {
                             b.done = true;
                         }
                     }
-                    ClientEvent::Drain { .. } => b.r.drain_notices += 1,
+                    ClientEvent::Drain { .. } => {
+                        // As a game would: finish up and leave (a real client would then
+                        // reconnect to the hint). Play ends here, not as a failure.
+                        b.r.drain_notices += 1;
+                        if !b.done {
+                            b.r.ended = Some((now, "server draining".into()));
+                            b.done = true;
+                            if b.r.joined.is_some() {
+                                c.leave();
+                            }
+                            c.close(now);
+                        }
+                    }
                     ClientEvent::Left { reason, .. } => {
                         if !b.done {
                             b.r.ended = Some((now, format!("left the room: {reason:?}")));
