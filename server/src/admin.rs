@@ -201,6 +201,9 @@ impl Hub {
     }
 }
 
+/// Admin connections served at once; more get 503 at once.
+const MAX_CONNECTIONS: usize = 8;
+
 /// Starts the admin thread on `listener`.
 pub fn spawn(listener: TcpListener, hub: Arc<Hub>) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
@@ -213,9 +216,33 @@ fn run(listener: TcpListener, hub: Arc<Hub>) {
     if let Err(e) = listener.set_nonblocking(true) {
         warn!(error = %e, "admin listener");
     }
+    // One short-lived thread per connection, at most MAX_CONNECTIONS at once: a slow or idle
+    // client cannot hold up the probes, and a full house gets a quick 503.
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     while !hub.stop.load(Ordering::Relaxed) {
         match listener.accept() {
-            Ok((stream, _)) => handle_connection(stream, &hub),
+            Ok((mut stream, _)) => {
+                if active.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+                    let _ = stream.set_nonblocking(false);
+                    let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                    continue;
+                }
+                active.fetch_add(1, Ordering::Relaxed);
+                let (hub, done) = (hub.clone(), active.clone());
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("admin-conn".into())
+                        .spawn(move || {
+                            handle_connection(stream, &hub);
+                            done.fetch_sub(1, Ordering::Relaxed);
+                        });
+                if spawned.is_err() {
+                    active.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -315,9 +342,11 @@ fn read_request(stream: &mut TcpStream) -> Result<Request, Response> {
         if buf.len() > MAX_HEADER {
             return Err(Response::error(431, "request head exceeds 8 KiB"));
         }
-        if Instant::now() > deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
             return Err(Response::error(408, "request too slow"));
         }
+        let _ = stream.set_read_timeout(Some(left));
         match stream.read(&mut chunk) {
             Ok(0) => return Err(Response::error(400, "incomplete request")),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
@@ -506,6 +535,7 @@ fn readyz(hub: &Hub) -> Response {
 
 fn status(hub: &Hub) -> Value {
     let reports = hub.reports();
+    let ages = hub.report_ages();
     let shards: Vec<Value> = reports
         .iter()
         .enumerate()
@@ -513,7 +543,9 @@ fn status(hub: &Hub) -> Value {
             None => json!({"id": i, "running": false}),
             Some(r) => json!({
                 "id": i,
-                "running": r.drain != DrainState::Stopped,
+                // A shard that stopped reporting (it died) is not running, whatever it said.
+                "running": r.drain != DrainState::Stopped
+                    && ages.get(i).copied().flatten().is_some_and(|a| a <= REPORT_STALE),
                 "rooms": r.rooms.len(),
                 "players": r.players,
                 "connections": r.connections,
@@ -610,7 +642,9 @@ pub fn render_histogram(
     let sep = if labels.is_empty() { "" } else { "," };
     let mut counts = vec![0u64; bounds.len()];
     for v in h.iter_recorded() {
-        let value = v.value_iterated_to() as f64 * scale;
+        // The lowest value of the HDR bucket: a value recorded exactly on a bound counts
+        // under that bound.
+        let value = h.lowest_equivalent(v.value_iterated_to()) as f64 * scale;
         if let Some(b) = bounds.iter().position(|&b| value <= b * (1.0 + 1e-9)) {
             counts[b] += v.count_at_value();
         }

@@ -114,6 +114,9 @@ pub enum ConfigError {
     },
 }
 
+/// Longest duration any setting accepts.
+const MAX_DURATION: Duration = Duration::from_secs(86_400);
+
 impl ServeConfig {
     /// Checks ranges; returns the first bad setting.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -146,6 +149,17 @@ impl ServeConfig {
         }
         if self.max_connections == 0 {
             return bad("--max-connections", "must be at least 1");
+        }
+        for (setting, d) in [
+            ("--hello-timeout", self.hello_timeout),
+            ("--idle-timeout", self.idle_timeout),
+            ("--empty-room-grace", self.empty_room_grace),
+            ("--stats-interval", self.stats_interval),
+            ("--drain-grace", self.drain_grace),
+        ] {
+            if d > MAX_DURATION {
+                return bad(setting, "at most one day (86400 s)");
+            }
         }
         if self.reconnect_hint.len() > tickshard_schema::MAX_SHORT_STRING {
             return bad("--reconnect-hint", "at most 256 bytes");
@@ -293,7 +307,7 @@ impl ServeConfig {
     }
 
     /// The effective configuration as TOML (what `--print-config` shows; unset optional
-    /// settings are left out). The token is shown as `"<set>"`, never in clear.
+    /// settings are left out). The admin token is left out, never printed.
     pub fn to_toml(&self) -> String {
         let mut t = toml::Table::new();
         let mut put = |k: &str, v: toml::Value| {
@@ -338,9 +352,7 @@ impl ServeConfig {
             "admin",
             text(self.admin.map_or("off".into(), |a| a.to_string())),
         );
-        if self.admin_token.is_some() {
-            put("admin_token", text("<set>".into()));
-        }
+        // The token is never printed (the output may be pasted or kept as a file).
         put("drain_grace", secs(self.drain_grace));
         put("reconnect_hint", text(self.reconnect_hint.clone()));
         put(
@@ -395,7 +407,9 @@ pub fn resolve(
     }
     for (key, _) in SETTINGS {
         let var = env_name(key);
-        if let Some(v) = env(&var) {
+        // An empty variable (say, a missing Kubernetes secret) counts as unset: it must not
+        // clear what the file says, such as the admin token.
+        if let Some(v) = env(&var).filter(|v| !v.is_empty()) {
             c.set(key, &v).map_err(|reason| ConfigError::Invalid {
                 setting: var,
                 reason,

@@ -137,6 +137,9 @@ pub enum StartError {
         "starting shard executors: {0} (glommio needs `ulimit -l` of at least 512 KiB per shard)"
     )]
     Executor(String),
+    /// Every shard stopped without being asked to (a panic, a failed socket).
+    #[error("every shard stopped unexpectedly; see the log")]
+    ShardsFailed,
 }
 
 /// What a started server reports before it serves.
@@ -251,7 +254,7 @@ pub fn serve_with_fleet(
     }
     drop(results_tx);
     let admin_thread = admin_listener.map(|l| admin::spawn(l, hub.clone()));
-    supervise(&config, &hub, &events_rx, &results_rx, &mut *fleet);
+    let failed = !supervise(&config, &hub, &events_rx, &results_rx, &mut *fleet);
     for h in handles {
         if let Err(e) = h.join() {
             error!(error = %e, "shard executor failed");
@@ -263,30 +266,35 @@ pub fn serve_with_fleet(
         results.write(&r);
     }
     results.finish();
-    fleet.shutdown();
     hub.stop_admin();
     if let Some(t) = admin_thread {
         let _ = t.join();
     }
+    if failed {
+        // Not a drain: do not tell the fleet manager this server shut down cleanly.
+        error!("every shard stopped unexpectedly");
+        return Err(StartError::ShardsFailed);
+    }
+    fleet.shutdown();
     info!("stopped");
     Ok(())
 }
 
 /// The supervisor loop: runs on the thread that called [`serve`] until the shards may stop,
-/// then sets `STOP`.
+/// then sets `STOP`. Returns false when it stopped because every shard had died.
 fn supervise(
     config: &ServeConfig,
     hub: &Hub,
     events: &mpsc::Receiver<ProcessEvent>,
     results_rx: &mpsc::Receiver<RoomResult>,
     fleet: &mut dyn Fleet,
-) {
+) -> bool {
     let mut results = ResultsFile::new(&config.data_dir);
     let mut drain_deadline: Option<Instant> = None;
     let mut forced = false;
     let mut ready = false;
     let mut next_capacity = Instant::now();
-    let players_capacity = config.shard_count() * config.max_connections;
+    let players_capacity = config.shard_count().saturating_mul(config.max_connections);
     loop {
         std::thread::sleep(SUPERVISOR_INTERVAL);
         let now = Instant::now();
@@ -333,13 +341,13 @@ fn supervise(
         if (drain_deadline.is_some() && drained) || dead {
             STOP.store(true, Ordering::Relaxed);
             results.finish();
-            return;
+            return !dead || (drain_deadline.is_some() && drained);
         }
         if forced && drain_deadline.is_some_and(|d| now >= d + 2 * DRAIN_SLACK) {
             warn!("shards did not finish the drain; stopping them");
             STOP.store(true, Ordering::Relaxed);
             results.finish();
-            return;
+            return true;
         }
     }
 }
