@@ -198,6 +198,21 @@ fn fake_sdk() -> FakeSdk {
     FakeSdk { port, sdk, stop }
 }
 
+fn status(admin: std::net::SocketAddr) -> Value {
+    let Ok(mut s) = TcpStream::connect(admin) else {
+        return Value::Null;
+    };
+    let _ = write!(
+        s,
+        "GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str(b).ok())
+        .unwrap_or(Value::Null)
+}
+
 fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let end = Instant::now() + limit;
     while !f() {
@@ -233,6 +248,17 @@ fn on_agones_the_server_reports_ready_capacity_and_shuts_down_after_a_drain() {
             sdk.labels
         );
     }
+    // A matchmaker allocates the GameServer: the server sees it (the watch stream or a poll)
+    // and says so in its status.
+    fake.sdk.lock().unwrap_or_else(|e| e.into_inner()).state = "Allocated".into();
+    let admin = server.admin.expect("admin address");
+    wait_for("allocated in /status", Duration::from_secs(10), || {
+        status(admin)["process"]["fleet"]["allocated"] == json!(true)
+    });
+    assert_eq!(
+        status(admin)["process"]["fleet"]["manager"],
+        json!("agones")
+    );
     // Six players: two rooms of up to four.
     let config = ClientConfig::new(Trust::pin(&server.fingerprint).unwrap(), "localhost");
     let mut bots: Vec<UdpClient> = (0..6)

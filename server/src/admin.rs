@@ -85,6 +85,7 @@ pub struct Hub {
     alive: AtomicUsize,
     stop: AtomicBool,
     started: Instant,
+    fleet: Mutex<Option<Value>>,
 }
 
 /// Marks a shard as running while it lives.
@@ -120,7 +121,18 @@ impl Hub {
             alive: AtomicUsize::new(shards),
             stop: AtomicBool::new(false),
             started: Instant::now(),
+            fleet: Mutex::new(None),
         }
+    }
+
+    /// What the fleet manager says of this server (Agones: state, allocated, reachable),
+    /// shown in `/status` and `/metrics`.
+    pub fn set_fleet_status(&self, v: Option<Value>) {
+        *self.fleet.lock().unwrap_or_else(|e| e.into_inner()) = v;
+    }
+
+    fn fleet_status(&self) -> Option<Value> {
+        self.fleet.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Called by a shard as it starts; the guard counts it as running until dropped.
@@ -212,7 +224,17 @@ pub fn spawn(listener: TcpListener, hub: Arc<Hub>) -> std::thread::JoinHandle<()
         .expect("spawning the admin thread")
 }
 
+/// Lowers the calling thread's scheduling priority (nice 10): where every core runs a shard,
+/// admin work takes what the shards leave rather than preempting them.
+fn yield_to_shards() {
+    // SAFETY: setpriority on the calling thread (on Linux, `who` 0 is this thread).
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+    }
+}
+
 fn run(listener: TcpListener, hub: Arc<Hub>) {
+    yield_to_shards();
     if let Err(e) = listener.set_nonblocking(true) {
         warn!(error = %e, "admin listener");
     }
@@ -566,6 +588,7 @@ fn status(hub: &Hub) -> Value {
             "draining": hub.is_draining(),
             "shards": reports.len(),
             "pid": std::process::id(),
+            "fleet": hub.fleet_status(),
         },
         "shards": shards,
         "rooms": room_list(&reports, |_, _| true),

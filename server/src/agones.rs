@@ -1340,30 +1340,65 @@ fn label_value(raw: &str) -> String {
 }
 
 /// The Agones SDK as the runtime's fleet hook: Ready once every shard serves, capacity once a
-/// second (Counters `rooms` and `players`, List `rooms`), Shutdown after the drain.
-impl crate::runtime::Fleet for Agones {
+/// second (Counters `rooms` and `players`, List `rooms`), Shutdown after the drain. It reacts
+/// to the GameServer being Allocated (a matchmaker sent players here) with a log line, and
+/// shows the GameServer's state in `/status`.
+pub struct AgonesFleet {
+    sdk: Agones,
+    was_allocated: bool,
+}
+
+impl AgonesFleet {
+    /// The hook over a started SDK client.
+    pub fn new(sdk: Agones) -> Self {
+        AgonesFleet {
+            sdk,
+            was_allocated: false,
+        }
+    }
+}
+
+impl crate::runtime::Fleet for AgonesFleet {
     fn ready(&mut self) {
-        Agones::ready(self);
+        self.sdk.ready();
     }
 
     fn set_capacity(&mut self, c: &crate::runtime::Capacity) {
-        Agones::set_capacity(
-            self,
-            Capacity {
-                rooms: c.rooms as u64,
-                rooms_capacity: c.rooms_capacity as u64,
-                players: c.players as u64,
-                players_capacity: c.players_capacity as u64,
-                room_ids: c.room_ids.clone(),
-            },
-        );
+        self.sdk.set_capacity(Capacity {
+            rooms: c.rooms as u64,
+            rooms_capacity: c.rooms_capacity as u64,
+            players: c.players as u64,
+            players_capacity: c.players_capacity as u64,
+            room_ids: c.room_ids.clone(),
+        });
     }
 
     fn shutdown(&mut self) {
         // The process exits right after: give the request a few seconds to land.
-        if !self.shutdown_and_wait(Duration::from_secs(5)) {
+        if !self.sdk.shutdown_and_wait(Duration::from_secs(5)) {
             warn!("Agones shutdown not confirmed before exit");
         }
+    }
+
+    fn status(&mut self) -> Option<Value> {
+        let st = self.sdk.status();
+        if st.allocated != self.was_allocated {
+            self.was_allocated = st.allocated;
+            if st.allocated {
+                info!("the GameServer was allocated: players are on their way");
+            } else {
+                info!(state = ?st.state, "the GameServer is no longer allocated");
+            }
+        }
+        Some(json!({
+            "manager": "agones",
+            "state": st.state,
+            "allocated": st.allocated,
+            "sdk_reachable": st.reachable,
+            "sdk_requests_ok": st.requests_ok,
+            "sdk_requests_failed": st.requests_failed,
+            "sdk_last_error": st.last_error,
+        }))
     }
 }
 

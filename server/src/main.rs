@@ -233,9 +233,8 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let fleet: Box<dyn runtime::Fleet> = match tickshard::agones::AgonesConfig::from_env() {
         Ok(Some(c)) => {
             tracing::info!(sdk = %c.sdk_addr, "Agones SDK found");
-            Box::new(tickshard::agones::Agones::start(
-                c,
-                env!("CARGO_PKG_VERSION"),
+            Box::new(tickshard::agones::AgonesFleet::new(
+                tickshard::agones::Agones::start(c, env!("CARGO_PKG_VERSION")),
             ))
         }
         Ok(None) => Box::new(runtime::NoFleet),

@@ -109,6 +109,10 @@ pub trait Fleet: Send {
     fn set_capacity(&mut self, _capacity: &Capacity) {}
     /// The drain finished; the process is about to exit.
     fn shutdown(&mut self) {}
+    /// What the fleet manager says of this server, for `/status` (asked once a second).
+    fn status(&mut self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// No fleet manager.
@@ -333,6 +337,7 @@ fn supervise(
         if now >= next_capacity {
             next_capacity = now + CAPACITY_INTERVAL;
             fleet.set_capacity(&capacity(&reports, config, players_capacity));
+            hub.set_fleet_status(fleet.status());
         }
         let drained = reports
             .iter()
