@@ -268,7 +268,8 @@ pub fn run(config: &SwarmConfig, progress: &Progress) -> io::Result<SwarmResult>
     });
     let mut out = SwarmResult {
         start,
-        end,
+        // Earlier than planned when every bot stopped (a drain, a server gone).
+        end: end.min(Instant::now()),
         bots: Vec::with_capacity(config.bots),
         hist: Histograms::new(),
         seconds: Vec::new(),
@@ -489,6 +490,11 @@ impl<'a> Loop<'a> {
             if now >= next_publish {
                 self.publish();
                 next_publish = now + Duration::from_millis(250);
+                // Every bot of this loop has started and stopped (failed, disconnected or
+                // told to drain): nothing is left to play.
+                if next_connect == self.bots.len() && self.bots.iter().all(|b| b.done) {
+                    break;
+                }
             }
             // Sleep until a socket is readable or the next deadline.
             let mut deadline = next_tick.min(next_second).min(self.end).min(next_publish);
