@@ -99,9 +99,10 @@ struct Args {
     /// Client ticks per second (inputs sent per second).
     #[arg(long, default_value_t = 30)]
     tick_rate: u32,
-    /// The server's admin address: its status is added to the report.
-    #[arg(long)]
-    admin: Option<String>,
+    /// The server's admin address: its status is added to the report. `auto` asks
+    /// 127.0.0.1:4434 when the server is the default 127.0.0.1:4433; `off` never asks.
+    #[arg(long, default_value = "auto")]
+    admin: String,
     /// Bearer token for the admin address.
     #[arg(long, env = "TICKSHARD_ADMIN_TOKEN")]
     admin_token: Option<String>,
@@ -215,7 +216,7 @@ fn ms(us: u64) -> f64 {
 
 fn quantiles(h: &Histogram<u64>) -> Value {
     if h.is_empty() {
-        return json!({"samples": 0});
+        return json!({"p50": 0.0, "p99": 0.0, "max": 0.0, "samples": 0});
     }
     json!({
         "p50": ms(h.value_at_quantile(0.5)),
@@ -326,12 +327,21 @@ fn main() -> anyhow::Result<()> {
         (runner.join().expect("the swarm panicked"), steady)
     });
     let result = result.context("running the swarm")?;
-    let server_status = a.admin.as_deref().map(|addr| {
-        match http_get(addr, "/status", a.admin_token.as_deref())
+    let admin = match a.admin.as_str() {
+        "off" => None,
+        // The server's defaults: game on 127.0.0.1:4433, admin on 127.0.0.1:4434.
+        "auto" => (a.server == SocketAddr::from(([127, 0, 0, 1], 4433)))
+            .then(|| "127.0.0.1:4434".to_string()),
+        addr => Some(addr.to_string()),
+    };
+    let server_status = admin.and_then(|addr| {
+        match http_get(&addr, "/status", a.admin_token.as_deref())
             .and_then(|b| serde_json::from_str::<Value>(&b).map_err(Into::into))
         {
-            Ok(v) => v,
-            Err(e) => json!({"error": e.to_string()}),
+            Ok(v) => Some(v),
+            // Guessed, and nothing answers: say nothing.
+            Err(_) if a.admin == "auto" => None,
+            Err(e) => Some(json!({"error": e.to_string()})),
         }
     });
     report(&a, link, &result, steady, rss_before, server_status)

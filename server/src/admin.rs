@@ -266,7 +266,15 @@ fn run(listener: TcpListener, hub: Arc<Hub>) {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(10));
+                // Sleep until a connection arrives (or 100 ms, to notice a stop): no busy
+                // polling on a machine whose cores belong to the shards.
+                let mut pfd = libc::pollfd {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(&listener),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd for the duration of the call.
+                unsafe { libc::poll(&mut pfd, 1, 100) };
             }
             Err(e) => {
                 debug!(error = %e, "admin accept");
