@@ -779,6 +779,9 @@ fn int64(value: u64) -> String {
     value.min(i64::MAX as u64).to_string()
 }
 
+/// Least time between two watch streams.
+const WATCH_REOPEN: Duration = Duration::from_millis(500);
+
 /// The `agones-watch` thread: the current state, then the watch stream; again after errors.
 fn watch(shared: &Shared) {
     let client = Client { shared };
@@ -817,7 +820,14 @@ fn watch(shared: &Shared) {
             }
         }
         debug!(error = %ended, "GameServer watch ended");
-        shared.sleep(backoff.next());
+        // Even a watch that ends in good order waits a moment before the next: a sidecar
+        // that closes every stream at once must not make this thread spin.
+        let pause = backoff.next();
+        shared.sleep(if opened && !refused {
+            pause.max(WATCH_REOPEN)
+        } else {
+            pause
+        });
     }
 }
 
@@ -920,6 +930,7 @@ impl Client<'_> {
         let mut lines = Lines::default();
         let mut decoded = Vec::new();
         let mut pending = rest;
+        let mut clean = false;
         let ended = loop {
             decoded.clear();
             let complete = match framing.feed(&pending, &mut decoded) {
@@ -930,16 +941,23 @@ impl Client<'_> {
                 break e;
             }
             if complete {
+                clean = true;
                 break ended_stream();
             }
             let mut buf = [0u8; 4096];
             match self.read_some(&mut stream, &mut buf, None) {
-                Ok(0) => break ended_stream(),
+                Ok(0) => {
+                    clean = true;
+                    break ended_stream();
+                }
                 Ok(n) => pending = buf[..n].to_vec(),
                 Err(e) => break e,
             }
         };
-        self.shared.record(Some(&ended));
+        // A stream the sidecar ended in good order is not an outage.
+        if !clean {
+            self.shared.record(Some(&ended));
+        }
         (true, ended)
     }
 
