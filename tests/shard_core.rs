@@ -722,7 +722,7 @@ fn bot_actions(
     behavior: client_sim::Behavior,
     ticks: u64,
 ) -> (Vec<(u64, usize, client_sim::Action)>, u64, u64) {
-    use client_sim::{Action, Brain, MovementCheck};
+    use client_sim::{Brain, MovementCheck};
     let link = Link {
         loss: 0.03,
         latency: Duration::from_millis(20),
@@ -764,21 +764,7 @@ fn bot_actions(
             out.clear();
             brains[i].act(t, c.world(), c.entity_id(), &mut out);
             for a in out.drain(..) {
-                match &a {
-                    Action::Input {
-                        move_x,
-                        move_y,
-                        buttons,
-                        aim,
-                    } => {
-                        let seq = c.send_input(now, *move_x, *move_y, *buttons, *aim);
-                        checks[i].sent(seq, *move_x, *move_y);
-                    }
-                    Action::ResendInput => c.resend_last_input(),
-                    Action::Chat(text) => c.chat(text),
-                    Action::Join(room) => c.join(Some(*room), "arena"),
-                    Action::RawDatagram(b) => c.send_raw_datagram(b),
-                }
+                a.perform(c, now, "arena", &mut checks[i]);
                 log.push((t, i, a));
             }
         }

@@ -102,6 +102,34 @@ pub enum Action {
     RawDatagram(Vec<u8>),
 }
 
+impl Action {
+    /// Carries the action out on `client` at `now` (`mode` for joins), telling `check` of
+    /// every command sent.
+    pub fn perform(
+        &self,
+        client: &mut crate::Client,
+        now: std::time::Instant,
+        mode: &str,
+        check: &mut crate::MovementCheck,
+    ) {
+        match self {
+            Action::Input {
+                move_x,
+                move_y,
+                buttons,
+                aim,
+            } => {
+                let seq = client.send_input(now, *move_x, *move_y, *buttons, *aim);
+                check.sent(seq, *move_x, *move_y);
+            }
+            Action::ResendInput => client.resend_last_input(),
+            Action::Chat(text) => client.chat(text),
+            Action::Join(room) => client.join(Some(*room), mode),
+            Action::RawDatagram(bytes) => client.send_raw_datagram(bytes),
+        }
+    }
+}
+
 /// The decision-maker of one bot.
 #[derive(Debug, Clone)]
 pub struct Brain {

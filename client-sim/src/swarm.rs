@@ -646,21 +646,7 @@ impl<'a> Loop<'a> {
                 .act(b.tick, c.world(), c.entity_id(), &mut self.actions);
             b.tick += 1;
             for a in self.actions.drain(..) {
-                match a {
-                    Action::Input {
-                        move_x,
-                        move_y,
-                        buttons,
-                        aim,
-                    } => {
-                        let seq = c.send_input(now, move_x, move_y, buttons, aim);
-                        b.check.sent(seq, move_x, move_y);
-                    }
-                    Action::ResendInput => c.resend_last_input(),
-                    Action::Chat(text) => c.chat(&text),
-                    Action::Join(room) => c.join(Some(room), &self.config.mode),
-                    Action::RawDatagram(bytes) => c.send_raw_datagram(&bytes),
-                }
+                a.perform(c, now, &self.config.mode, &mut b.check);
             }
             if !b.touched {
                 b.touched = true;
