@@ -1320,12 +1320,21 @@ impl LocalExecutor {
         self.reactor.need_preempt()
     }
 
+    /// Runs task queues until none is runnable or the preemption timer expires.
+    ///
+    /// Returns whether the caller should poll again rather than park: true when a queue ran,
+    /// and also when the preemption timer expired before any queue could run while some are
+    /// runnable. (tickshard's patch: `run` parks when this returns false, and `park` arms no
+    /// preemption timer and only the timers of tasks that already re-armed theirs, so
+    /// reporting "nothing ran" here with runnable tasks parked the executor until unrelated
+    /// I/O arrived. It happens whenever the thread is descheduled for longer than the
+    /// shortest `Latency::Matters` between `poll_io` arming the timer and this check.)
     fn run_task_queues(&self) -> bool {
         let mut ran = false;
         loop {
             self.reactor.sys.install_eventfd();
             if self.need_preempt() {
-                break;
+                return ran || !self.queues.borrow().active_executors.is_empty();
             }
             if !self.run_one_task_queue() {
                 return false;
