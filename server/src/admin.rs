@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{debug, warn};
@@ -74,10 +74,35 @@ struct Slot {
     at: Option<Instant>,
 }
 
-/// What shards, the supervisor and the admin thread share: a report slot and a command
-/// queue per shard, the supervisor's event queue, and a few process flags.
+/// What the supervisor's watchdog found wrong with a shard; `/healthz` fails while any shard
+/// has one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardFault {
+    /// No housekeeping pass since this instant, for longer than the watchdog's bound.
+    Stalled {
+        /// The shard's last pass.
+        since: Instant,
+    },
+    /// The shard's task ended while the process was not stopping (a panic or a failed
+    /// socket; the log says which).
+    Died,
+}
+
+/// One shard's liveness signals: a heartbeat stamped by the shard, whether its task has
+/// ended, its thread id, and the fault the supervisor found.
+struct Life {
+    /// Nanoseconds from `Hub::started` to the last housekeeping pass, plus one (0: none yet).
+    beat: AtomicU64,
+    ended: AtomicBool,
+    tid: AtomicI32,
+    fault: Mutex<Option<ShardFault>>,
+}
+
+/// What shards, the supervisor and the admin thread share: a report slot, a command queue
+/// and liveness signals per shard, the supervisor's event queue, and a few process flags.
 pub struct Hub {
     slots: Vec<Mutex<Slot>>,
+    lives: Vec<Life>,
     commands: Vec<mpsc::Sender<Envelope>>,
     events: mpsc::Sender<ProcessEvent>,
     token: Option<String>,
@@ -88,11 +113,14 @@ pub struct Hub {
     fleet: Mutex<Option<Value>>,
 }
 
-/// Marks a shard as running while it lives.
-pub struct AliveGuard(Arc<Hub>);
+/// Marks a shard as running while it lives (and as ended once dropped, even by a panic).
+pub struct AliveGuard(Arc<Hub>, ShardId);
 
 impl Drop for AliveGuard {
     fn drop(&mut self) {
+        if let Some(l) = self.0.lives.get(self.1 .0 as usize) {
+            l.ended.store(true, Ordering::Release);
+        }
         self.0.alive.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -112,6 +140,14 @@ impl Hub {
                         report: None,
                         at: None,
                     })
+                })
+                .collect(),
+            lives: (0..shards)
+                .map(|_| Life {
+                    beat: AtomicU64::new(0),
+                    ended: AtomicBool::new(false),
+                    tid: AtomicI32::new(0),
+                    fault: Mutex::new(None),
                 })
                 .collect(),
             commands,
@@ -135,9 +171,63 @@ impl Hub {
         self.fleet.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Called by a shard as it starts; the guard counts it as running until dropped.
-    pub fn shard_started(self: &Arc<Self>) -> AliveGuard {
-        AliveGuard(self.clone())
+    /// Called by a shard on its own thread as it starts; the guard counts it as running until
+    /// dropped. The thread id goes into the watchdog's log lines.
+    pub fn shard_started(self: &Arc<Self>, shard: ShardId) -> AliveGuard {
+        if let Some(l) = self.lives.get(shard.0 as usize) {
+            // SAFETY: gettid has no preconditions.
+            l.tid.store(unsafe { libc::gettid() }, Ordering::Relaxed);
+        }
+        AliveGuard(self.clone(), shard)
+    }
+
+    /// A shard's housekeeping pass ran at `now` (one relaxed store every 50 ms per shard).
+    pub fn beat(&self, shard: ShardId, now: Instant) {
+        if let Some(l) = self.lives.get(shard.0 as usize) {
+            let ns = now.saturating_duration_since(self.started).as_nanos() as u64;
+            l.beat.store(ns.saturating_add(1), Ordering::Relaxed);
+        }
+    }
+
+    /// Each shard's last housekeeping pass, if any.
+    pub fn beats(&self) -> Vec<Option<Instant>> {
+        self.lives
+            .iter()
+            .map(|l| match l.beat.load(Ordering::Relaxed) {
+                0 => None,
+                ns => Some(self.started + Duration::from_nanos(ns - 1)),
+            })
+            .collect()
+    }
+
+    /// Whether each shard's task has ended.
+    pub fn ended(&self) -> Vec<bool> {
+        self.lives
+            .iter()
+            .map(|l| l.ended.load(Ordering::Acquire))
+            .collect()
+    }
+
+    /// The OS thread id of a shard (0 before it started).
+    pub fn shard_tid(&self, shard: ShardId) -> i32 {
+        self.lives
+            .get(shard.0 as usize)
+            .map_or(0, |l| l.tid.load(Ordering::Relaxed))
+    }
+
+    /// Records what the watchdog found wrong with a shard (`None`: nothing any more).
+    pub fn set_fault(&self, shard: ShardId, fault: Option<ShardFault>) {
+        if let Some(l) = self.lives.get(shard.0 as usize) {
+            *l.fault.lock().unwrap_or_else(|e| e.into_inner()) = fault;
+        }
+    }
+
+    /// Each shard's fault, if any.
+    pub fn faults(&self) -> Vec<Option<ShardFault>> {
+        self.lives
+            .iter()
+            .map(|l| *l.fault.lock().unwrap_or_else(|e| e.into_inner()))
+            .collect()
     }
 
     /// Shards still running.
@@ -467,7 +557,7 @@ pub fn route(req: &Request, hub: &Hub) -> Response {
         }
     }
     match segments.as_slice() {
-        ["healthz"] => Response::json(200, json!({"status": "alive"})),
+        ["healthz"] => healthz(hub),
         ["readyz"] => readyz(hub),
         ["metrics"] => Response {
             status: 200,
@@ -548,6 +638,29 @@ fn act(hub: &Hub, shard: usize, cmd: Command, not_found: &str) -> Response {
     }
 }
 
+/// Liveness: fails while a shard is stalled or has died, since such a process serves some of
+/// its players no more and only a restart mends it.
+fn healthz(hub: &Hub) -> Response {
+    for (i, f) in hub.faults().iter().enumerate() {
+        match f {
+            Some(ShardFault::Stalled { since }) => {
+                return Response::error(
+                    503,
+                    format!(
+                        "shard {i} stalled: no housekeeping pass for {:.1} s",
+                        since.elapsed().as_secs_f64()
+                    ),
+                )
+            }
+            Some(ShardFault::Died) => {
+                return Response::error(503, format!("shard {i} stopped unexpectedly"))
+            }
+            None => {}
+        }
+    }
+    Response::json(200, json!({"status": "alive"}))
+}
+
 fn readyz(hub: &Hub) -> Response {
     if hub.is_draining() {
         return Response::error(503, "draining");
@@ -566,11 +679,24 @@ fn readyz(hub: &Hub) -> Response {
 fn status(hub: &Hub) -> Value {
     let reports = hub.reports();
     let ages = hub.report_ages();
+    let beats = hub.beats();
+    let faults = hub.faults();
+    let liveness = |i: usize| {
+        json!({
+            "housekeeping_age_seconds": beats.get(i).copied().flatten()
+                .map(|b| b.elapsed().as_secs_f64()),
+            "fault": match faults.get(i).copied().flatten() {
+                None => Value::Null,
+                Some(ShardFault::Stalled { .. }) => json!("stalled"),
+                Some(ShardFault::Died) => json!("died"),
+            },
+        })
+    };
     let shards: Vec<Value> = reports
         .iter()
         .enumerate()
         .map(|(i, r)| match r {
-            None => json!({"id": i, "running": false}),
+            None => json!({"id": i, "running": false, "liveness": liveness(i)}),
             Some(r) => json!({
                 "id": i,
                 // A shard that stopped reporting (it died) is not running, whatever it said.
@@ -586,6 +712,7 @@ fn status(hub: &Hub) -> Value {
                 "ticks": r.ticks.ticks,
                 "cpu_seconds": r.cpu_seconds,
                 "draining": r.drain.is_draining(),
+                "liveness": liveness(i),
             }),
         })
         .collect();
@@ -1009,5 +1136,47 @@ mod tests {
         // Probes need no token.
         assert_eq!(route(&req("GET", "/healthz", None, ""), &hub).status, 200);
         assert_eq!(route(&req("GET", "/readyz", None, ""), &hub).status, 503);
+    }
+
+    /// `/healthz` answers 200 until the watchdog records a fault, then 503 naming the shard
+    /// and the fault, and 200 again once the fault is cleared; `/status` shows the fault.
+    #[test]
+    fn healthz_fails_while_a_shard_is_stalled_or_dead() {
+        let (tx0, _rx0) = mpsc::channel();
+        let (tx1, _rx1) = mpsc::channel();
+        let (etx, _erx) = mpsc::channel();
+        let hub = Hub::new(2, vec![tx0, tx1], etx, None);
+        let health = |hub: &Hub| route(&req("GET", "/healthz", None, ""), hub);
+        hub.beat(ShardId(0), Instant::now());
+        assert_eq!(health(&hub).status, 200);
+
+        let since = Instant::now() - Duration::from_millis(2500);
+        hub.set_fault(ShardId(1), Some(ShardFault::Stalled { since }));
+        let r = health(&hub);
+        assert_eq!(r.status, 503);
+        let v: Value = serde_json::from_str(&r.body).unwrap();
+        let e = v["error"].as_str().unwrap();
+        assert!(
+            e.starts_with("shard 1 stalled: no housekeeping pass for 2."),
+            "{e}"
+        );
+        let st: Value =
+            serde_json::from_str(&route(&req("GET", "/status", None, ""), &hub).body).unwrap();
+        assert_eq!(st["shards"][1]["liveness"]["fault"], "stalled");
+        assert_eq!(st["shards"][0]["liveness"]["fault"], Value::Null);
+        assert!(st["shards"][0]["liveness"]["housekeeping_age_seconds"]
+            .as_f64()
+            .is_some_and(|a| a < 1.0));
+
+        hub.set_fault(ShardId(1), None);
+        assert_eq!(health(&hub).status, 200);
+        hub.set_fault(ShardId(0), Some(ShardFault::Died));
+        let r = health(&hub);
+        assert_eq!(r.status, 503);
+        assert!(
+            r.body.contains("shard 0 stopped unexpectedly"),
+            "{}",
+            r.body
+        );
     }
 }

@@ -26,6 +26,8 @@
 //!   (signals, drain, results file, fleet hook).
 //! - [`ops`]: reports, operator commands, drain state, room results; [`admin`]: the admin
 //!   HTTP thread (metrics, status, actions); [`config`]: settings from flags, env and TOML.
+//! - [`watchdog`]: notices a shard whose clock stopped (no housekeeping pass for 2 s), for
+//!   the supervisor's log, `/healthz` and the drain.
 //! - [`agones`]: the Agones SDK client (health, Ready, capacity, allocation, shutdown) on
 //!   threads of its own, used when `AGONES_SDK_HTTP_PORT` is set.
 
@@ -46,6 +48,7 @@ pub mod shard;
 pub mod snapshot;
 pub mod stats;
 pub mod tls;
+pub mod watchdog;
 
 pub use game::{Game, ModeSpec};
 pub use ids::{EntityId, PlayerId, RoomId, ShardId, Tick};

@@ -28,7 +28,7 @@
 //! glommio timer, a short timer did not fire while another task's long one was pending, and
 //! datagrams waited in the socket for seconds (ARCHITECTURE.md has the story).
 
-use crate::admin::{self, Envelope, Hub, ProcessEvent};
+use crate::admin::{self, Envelope, Hub, ProcessEvent, ShardFault};
 use crate::config::ServeConfig;
 use crate::mesh::ShardMsg;
 use crate::net::{self, Steering};
@@ -36,6 +36,7 @@ use crate::ops::{Command, RoomResult, ShardReport};
 use crate::shard::HOUSEKEEPING_INTERVAL;
 use crate::shard::{ShardConfig, ShardCore};
 use crate::tls::{self, Identity, TransportSettings};
+use crate::watchdog::{Liveness, WatchEvent, Watchdog, WATCHDOG_BOUND};
 use crate::{builtin_modes, ShardId};
 use bytes::BytesMut;
 use futures_lite::future;
@@ -72,6 +73,11 @@ const CAPACITY_INTERVAL: Duration = Duration::from_secs(1);
 /// How long after the drain grace the supervisor waits for shards to report that they are
 /// done before it stops them anyway.
 const DRAIN_SLACK: Duration = Duration::from_secs(2);
+/// How long the supervisor waits, once it told the shards to stop, for their tasks to end
+/// (they linger `CLOSE_LINGER` so close frames leave). A shard still running then is left
+/// behind and the process exits without it: SIGTERM ends the process within the drain grace
+/// plus `2 * DRAIN_SLACK + SHARD_EXIT_WAIT` whatever the shards do.
+const SHARD_EXIT_WAIT: Duration = Duration::from_secs(1);
 
 /// Set by the supervisor: every shard closes what remains and exits.
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -144,6 +150,9 @@ pub enum StartError {
     /// Every shard stopped without being asked to (a panic, a failed socket).
     #[error("every shard stopped unexpectedly; see the log")]
     ShardsFailed,
+    /// Some shards did not stop when told to (stalled); the process exits without them.
+    #[error("shards {0:?} did not stop; see the log")]
+    ShardsStuck(Vec<u16>),
 }
 
 /// What a started server reports before it serves.
@@ -259,7 +268,20 @@ pub fn serve_with_fleet(
     drop(results_tx);
     let admin_thread = admin_listener.map(|l| admin::spawn(l, hub.clone()));
     let failed = !supervise(&config, &hub, &events_rx, &results_rx, &mut *fleet);
-    for h in handles {
+    // Wait for the shards' tasks to end, but not for ever: a stalled shard never would.
+    let wait_until = Instant::now() + SHARD_EXIT_WAIT;
+    while hub.ended().iter().any(|e| !e) && Instant::now() < wait_until {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let ended = hub.ended();
+    let mut stuck = Vec::new();
+    for (i, h) in handles.into_iter().enumerate() {
+        if !ended[i] {
+            let tid = hub.shard_tid(ShardId(i as u16));
+            error!(shard = i, thread = %thread_state(tid), "shard did not stop; exiting without it");
+            stuck.push(i as u16);
+            continue;
+        }
         if let Err(e) = h.join() {
             error!(error = %e, "shard executor failed");
         }
@@ -278,6 +300,10 @@ pub fn serve_with_fleet(
         // Not a drain: do not tell the fleet manager this server shut down cleanly.
         error!("every shard stopped unexpectedly");
         return Err(StartError::ShardsFailed);
+    }
+    if !stuck.is_empty() {
+        // The players of a stuck shard were never told: not a clean drain either.
+        return Err(StartError::ShardsStuck(stuck));
     }
     fleet.shutdown();
     info!("stopped");
@@ -299,9 +325,11 @@ fn supervise(
     let mut ready = false;
     let mut next_capacity = Instant::now();
     let players_capacity = config.shard_count().saturating_mul(config.max_connections);
+    let mut watchdog = Watchdog::new(config.shard_count(), WATCHDOG_BOUND, Instant::now());
     loop {
         std::thread::sleep(SUPERVISOR_INTERVAL);
         let now = Instant::now();
+        watch(&mut watchdog, hub, now);
         let signals = SIGNALS.load(Ordering::Relaxed);
         let mut drain = signals >= 1;
         while let Ok(ev) = events.try_recv() {
@@ -339,9 +367,12 @@ fn supervise(
             fleet.set_capacity(&capacity(&reports, config, players_capacity));
             hub.set_fleet_status(fleet.status());
         }
-        let drained = reports
-            .iter()
-            .all(|r| r.as_ref().is_some_and(|r| r.drained));
+        // A stalled or ended shard cannot drain: waiting for it would only hold the others'
+        // exit until the last resort.
+        let drained = reports.iter().enumerate().all(|(i, r)| {
+            watchdog.liveness(ShardId(i as u16)) != Liveness::Alive
+                || r.as_ref().is_some_and(|r| r.drained)
+        });
         let dead = hub.shards_alive() == 0;
         if (drain_deadline.is_some() && drained) || dead {
             STOP.store(true, Ordering::Relaxed);
@@ -355,6 +386,80 @@ fn supervise(
             return true;
         }
     }
+}
+
+/// Feeds the shards' heartbeats to the watchdog; logs what it finds, with the shard's last
+/// known state, and records it in the hub for `/healthz`.
+fn watch(watchdog: &mut Watchdog, hub: &Hub, now: Instant) {
+    let ended = hub.ended();
+    let stopping = STOP.load(Ordering::Relaxed);
+    for (i, e) in ended.iter().enumerate() {
+        let shard = ShardId(i as u16);
+        if *e && watchdog.liveness(shard) != Liveness::Ended && !stopping {
+            error!(%shard, "shard stopped unexpectedly");
+            hub.set_fault(shard, Some(ShardFault::Died));
+        }
+    }
+    for event in watchdog.observe(now, &hub.beats(), &ended) {
+        match event {
+            WatchEvent::Stalled { shard, silent_for } => {
+                let report = hub.reports().get(shard.0 as usize).cloned().flatten();
+                let thread = thread_state(hub.shard_tid(shard));
+                match report {
+                    Some(r) => error!(
+                        %shard,
+                        silent_ms = silent_for.as_millis() as u64,
+                        %thread,
+                        rooms = r.rooms.len(),
+                        players = r.players,
+                        connections = r.connections,
+                        ticks = r.ticks.ticks,
+                        drain = ?r.drain,
+                        "shard stalled: no housekeeping pass; /healthz fails until it resumes"
+                    ),
+                    None => error!(
+                        %shard,
+                        silent_ms = silent_for.as_millis() as u64,
+                        %thread,
+                        "shard stalled before its first report; /healthz fails until it resumes"
+                    ),
+                }
+                hub.set_fault(
+                    shard,
+                    Some(ShardFault::Stalled {
+                        since: now - silent_for,
+                    }),
+                );
+            }
+            WatchEvent::Resumed { shard, stalled_for } => {
+                warn!(%shard, stalled_ms = stalled_for.as_millis() as u64, "shard resumed");
+                hub.set_fault(shard, None);
+            }
+        }
+    }
+}
+
+/// A thread's scheduler state, for log lines about a shard that stopped: the state letter
+/// and the system call it sits in, from `/proc` (426 is `io_uring_enter`).
+fn thread_state(tid: i32) -> String {
+    if tid == 0 {
+        return "unknown".into();
+    }
+    let read = |f: &str| std::fs::read_to_string(format!("/proc/self/task/{tid}/{f}"));
+    // stat: "tid (comm) S ..."; the comm may hold spaces, so take what follows the last ')'.
+    let state = read("stat")
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next().map(str::to_string))
+        })
+        .unwrap_or_else(|| "?".into());
+    let syscall = read("syscall")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into());
+    let wchan = read("wchan").unwrap_or_default();
+    format!("tid {tid} state {state} syscall {syscall} wchan {wchan}")
 }
 
 fn capacity(
@@ -564,7 +669,7 @@ async fn run_shard(
     link: OpsLink,
 ) {
     let shard = config.shard;
-    let _alive = link.hub.shard_started();
+    let _alive = link.hub.shard_started(shard);
     let (senders, receivers) = match mesh {
         Some(m) => match m.join().await {
             Ok((s, r)) => (Some(s), Some(r)),
@@ -741,6 +846,7 @@ async fn run_shard(
                 }
                 if now >= next_ops {
                     next_ops = now + HOUSEKEEPING_INTERVAL;
+                    link.hub.beat(shard, now);
                     let mut core = sh.core.borrow_mut();
                     link.serve(&mut core, now);
                     if now >= next_report {

@@ -90,7 +90,38 @@ impl Server {
         Self::spawn(exe, name, args, &[])
     }
 
+    /// Like [`Server::start_release`], with the server's log (stderr) sent line by line to the
+    /// returned channel. `TICKSHARD_TEST_BIN` names another `tickshard` binary to run instead
+    /// (to check that a test fails on an older build).
+    pub fn start_logged(name: &str, args: &[&str]) -> (Server, std::sync::mpsc::Receiver<String>) {
+        let exe = std::env::var_os("TICKSHARD_TEST_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| release_binary("tickshard"));
+        let mut server = Self::spawn_with(exe, name, args, &[("RUST_LOG", "info")], Stdio::piped());
+        let stderr = server.child.stderr.take().expect("stderr piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        (server, rx)
+    }
+
     fn spawn(exe: PathBuf, name: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::spawn_with(exe, name, args, env, Stdio::inherit())
+    }
+
+    fn spawn_with(
+        exe: PathBuf,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        stderr: Stdio,
+    ) -> Server {
         let data_dir =
             std::env::temp_dir().join(format!("tickshard-e2e-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&data_dir);
@@ -110,7 +141,7 @@ impl Server {
             )
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start tickshard");
         let stdout = child.stdout.take().unwrap();
