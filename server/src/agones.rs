@@ -16,7 +16,9 @@
 //!   it ends. Nothing read from the socket can panic: sizes are capped and every field is
 //!   checked.
 //! - **Health is pinged on fixed-rate deadlines** whether or not other requests fail; a
-//!   request that hangs delays it by at most the 2 s request timeout.
+//!   request that hangs delays it by at most the 2 s request timeout. While the server says
+//!   it is unhealthy ([`Agones::set_healthy`]: a shard stalled or died) no ping is sent, so
+//!   Agones marks the GameServer Unhealthy and replaces it.
 //! - **Capacity is pushed only when it changed**, latest value wins, piece by piece (a counter
 //!   that landed is not sent again because the list failed).
 //! - **Dropping the handle returns promptly** (within about 100 ms): every blocking socket
@@ -220,6 +222,12 @@ impl Agones {
         self.shared.command(|want| want.ready = true);
     }
 
+    /// Whether the server is healthy. While it is not, health pings stop, and Agones marks the
+    /// GameServer Unhealthy once its health check's failure threshold passes.
+    pub fn set_healthy(&self, healthy: bool) {
+        self.shared.lock().unhealthy = !healthy;
+    }
+
     /// Publishes `capacity`. Only the latest value is kept; it is sent when it differs from
     /// what the sidecar last accepted.
     pub fn set_capacity(&self, capacity: Capacity) {
@@ -287,6 +295,8 @@ struct State {
     status: AgonesStatus,
     /// Whether the sidecar is in an outage already logged.
     outage: bool,
+    /// The server is unhealthy: health pings are withheld.
+    unhealthy: bool,
 }
 
 /// Commands not yet taken by the worker.
@@ -654,6 +664,9 @@ impl<'a> Worker<'a> {
     }
 
     fn health(&mut self) {
+        if self.shared.lock().unhealthy {
+            return;
+        }
         match self.client.call("POST", "/health", Some(&json!({}))) {
             Ok(_) => self.health_failures = 0,
             Err(RequestError::Stopped) => {}
@@ -1381,6 +1394,15 @@ impl crate::runtime::Fleet for AgonesFleet {
         self.sdk.ready();
     }
 
+    fn set_healthy(&mut self, healthy: bool) {
+        if !healthy {
+            error!("withholding Agones health pings: a shard is stalled or dead");
+        } else {
+            info!("Agones health pings resume");
+        }
+        self.sdk.set_healthy(healthy);
+    }
+
     fn set_capacity(&mut self, c: &crate::runtime::Capacity) {
         self.sdk.set_capacity(Capacity {
             rooms: c.rooms as u64,
@@ -1928,6 +1950,29 @@ mod tests {
 
     fn ids(ids: &[&str]) -> Vec<String> {
         ids.iter().map(|id| id.to_string()).collect()
+    }
+
+    /// While the server says it is unhealthy, no health ping reaches the sidecar; pings
+    /// resume when it is healthy again.
+    #[test]
+    fn health_pings_stop_while_unhealthy() {
+        let fake = FakeSdk::start();
+        let agones = start(&fake, "0.1.0");
+        wait_until("two health pings", || fake.count("POST", "/health") >= 2);
+        agones.set_healthy(false);
+        // A ping already under way may still land.
+        std::thread::sleep(HEALTH);
+        let before = fake.count("POST", "/health");
+        std::thread::sleep(HEALTH * 6);
+        assert_eq!(
+            fake.count("POST", "/health"),
+            before,
+            "no health ping while unhealthy"
+        );
+        agones.set_healthy(true);
+        wait_until("pings resume", || {
+            fake.count("POST", "/health") >= before + 2
+        });
     }
 
     #[test]

@@ -111,6 +111,9 @@ pub struct Capacity {
 pub trait Fleet: Send {
     /// Every shard serves.
     fn ready(&mut self) {}
+    /// Whether every shard is alive: false while the watchdog finds one stalled or dead
+    /// (called when that changes; the process starts healthy).
+    fn set_healthy(&mut self, _healthy: bool) {}
     /// The process's capacity now.
     fn set_capacity(&mut self, _capacity: &Capacity) {}
     /// The drain finished; the process is about to exit.
@@ -326,10 +329,16 @@ fn supervise(
     let mut next_capacity = Instant::now();
     let players_capacity = config.shard_count().saturating_mul(config.max_connections);
     let mut watchdog = Watchdog::new(config.shard_count(), WATCHDOG_BOUND, Instant::now());
+    let mut healthy = true;
     loop {
         std::thread::sleep(SUPERVISOR_INTERVAL);
         let now = Instant::now();
         watch(&mut watchdog, hub, now);
+        let is_healthy = hub.faults().iter().all(Option::is_none);
+        if is_healthy != healthy {
+            healthy = is_healthy;
+            fleet.set_healthy(healthy);
+        }
         let signals = SIGNALS.load(Ordering::Relaxed);
         let mut drain = signals >= 1;
         while let Ok(ev) = events.try_recv() {
