@@ -22,11 +22,14 @@
 //!
 //! The calling thread of [`serve`] becomes the **supervisor**: it watches signals and drain
 //! requests, writes room results to the results file, feeds the [`Fleet`] hook (ready,
-//! capacity once a second, shutdown), and stops the shards when the drain is done.
+//! health, capacity once a second, shutdown), runs the shard [`Watchdog`] over the
+//! heartbeats each housekeeping pass stamps, and stops the shards when the drain is done,
+//! waiting at most `SHARD_EXIT_WAIT` (1 s) for them.
 //!
 //! Only one task sleeps on a timer by design: with several tasks each sleeping on its own
 //! glommio timer, a short timer did not fire while another task's long one was pending, and
-//! datagrams waited in the socket for seconds (ARCHITECTURE.md has the story).
+//! datagrams waited in the socket for seconds (ARCHITECTURE.md has the story; it was probably
+//! the glommio executor bug that `server/vendor/glommio` fixes).
 
 use crate::admin::{self, Envelope, Hub, ProcessEvent, ShardFault};
 use crate::config::ServeConfig;
