@@ -16,10 +16,10 @@
 
 mod common;
 
+use common::contention::Contention;
 use common::Server;
 use serde_json::Value;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use tickshard::ctl::request;
 
@@ -75,19 +75,7 @@ fn idle_shards_keep_housekeeping_and_sigterm_exits_promptly() {
         })
         .collect();
 
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let done = Arc::new(AtomicBool::new(false));
-    let hogs: Vec<_> = (0..cores)
-        .map(|_| {
-            let done = done.clone();
-            std::thread::spawn(move || {
-                let mut x = 0u64;
-                while !done.load(Ordering::Relaxed) {
-                    x = std::hint::black_box(x.wrapping_add(1));
-                }
-            })
-        })
-        .collect();
+    let contention = Contention::start();
 
     let start = Instant::now();
     let mut unhealthy = Vec::new();
@@ -103,10 +91,7 @@ fn idle_shards_keep_housekeeping_and_sigterm_exits_promptly() {
         }
     }
     let end = Instant::now();
-    done.store(true, Ordering::Relaxed);
-    for h in hogs {
-        h.join().unwrap();
-    }
+    drop(contention);
 
     // Every shard logged every second, up to the end of the idle phase.
     let mut stalls = Vec::new();

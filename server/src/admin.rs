@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{debug, warn};
@@ -107,7 +107,6 @@ pub struct Hub {
     events: mpsc::Sender<ProcessEvent>,
     token: Option<String>,
     draining: AtomicBool,
-    alive: AtomicUsize,
     stop: AtomicBool,
     started: Instant,
     fleet: Mutex<Option<Value>>,
@@ -121,7 +120,6 @@ impl Drop for AliveGuard {
         if let Some(l) = self.0.lives.get(self.1 .0 as usize) {
             l.ended.store(true, Ordering::Release);
         }
-        self.0.alive.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -154,7 +152,6 @@ impl Hub {
             events,
             token: token.filter(|t| !t.is_empty()),
             draining: AtomicBool::new(false),
-            alive: AtomicUsize::new(shards),
             stop: AtomicBool::new(false),
             started: Instant::now(),
             fleet: Mutex::new(None),
@@ -232,7 +229,7 @@ impl Hub {
 
     /// Shards still running.
     pub fn shards_alive(&self) -> usize {
-        self.alive.load(Ordering::Relaxed)
+        self.ended().iter().filter(|e| !**e).count()
     }
 
     /// Stores a shard's latest report.

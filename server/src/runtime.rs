@@ -403,17 +403,14 @@ fn supervise(
 /// Feeds the shards' heartbeats to the watchdog; logs what it finds, with the shard's last
 /// known state, and records it in the hub for `/healthz`.
 fn watch(watchdog: &mut Watchdog, hub: &Hub, now: Instant) {
-    let ended = hub.ended();
-    let stopping = STOP.load(Ordering::Relaxed);
-    for (i, e) in ended.iter().enumerate() {
-        let shard = ShardId(i as u16);
-        if *e && watchdog.liveness(shard) != Liveness::Ended && !stopping {
-            error!(%shard, "shard stopped unexpectedly");
-            hub.set_fault(shard, Some(ShardFault::Died));
-        }
-    }
-    for event in watchdog.observe(now, &hub.beats(), &ended) {
+    for event in watchdog.observe(now, &hub.beats(), &hub.ended()) {
         match event {
+            // A shard ends on its own only when it fails (the log has why).
+            WatchEvent::Ended { shard } if !STOP.load(Ordering::Relaxed) => {
+                error!(%shard, "shard stopped unexpectedly");
+                hub.set_fault(shard, Some(ShardFault::Died));
+            }
+            WatchEvent::Ended { .. } => {}
             WatchEvent::Stalled { shard, silent_for } => {
                 let report = hub.reports().get(shard.0 as usize).cloned().flatten();
                 let thread = thread_state(hub.shard_tid(shard));
@@ -1016,4 +1013,24 @@ pub fn log_stats(core: &ShardCore, window: &mut StatsWindow) {
         t.ticks,
         t.overruns,
     ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::thread_state;
+
+    /// The calling thread reads as running (it is reading its own `/proc` entry), with a
+    /// system call field; an unknown thread id gives placeholders rather than an error.
+    #[test]
+    fn thread_state_reads_proc_and_tolerates_missing_threads() {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        let s = thread_state(tid);
+        assert!(s.starts_with(&format!("tid {tid} state R syscall ")), "{s}");
+        assert_eq!(thread_state(0), "unknown");
+        assert_eq!(
+            thread_state(i32::MAX),
+            format!("tid {} state ? syscall ? wchan ", i32::MAX)
+        );
+    }
 }

@@ -38,6 +38,12 @@ pub enum WatchEvent {
         /// How long it was silent in all.
         stalled_for: Duration,
     },
+    /// The shard's task ended (the runtime knows whether it was told to); it is no longer
+    /// watched.
+    Ended {
+        /// The shard.
+        shard: ShardId,
+    },
 }
 
 /// What the watchdog knows of one shard.
@@ -101,6 +107,7 @@ impl Watchdog {
             }
             if ended.get(i).copied().unwrap_or(false) {
                 w.state = Liveness::Ended;
+                events.push(WatchEvent::Ended { shard });
                 continue;
             }
             if let Some(beat) = beats.get(i).copied().flatten() {
@@ -221,15 +228,16 @@ mod tests {
         );
     }
 
-    /// A shard whose task ended (stopped after a drain) is not watched any more: its silence
-    /// is not a stall, whatever its last beat.
+    /// A shard whose task ended is reported once and not watched any more: its silence is
+    /// not a stall, whatever its last beat.
     #[test]
     fn an_ended_shard_is_not_a_stall() {
         let t0 = Instant::now();
         let mut w = Watchdog::new(2, WATCHDOG_BOUND, t0);
-        assert!(w
-            .observe(t0 + 100 * MS, &[Some(t0), Some(t0)], &[false, true])
-            .is_empty());
+        assert_eq!(
+            w.observe(t0 + 100 * MS, &[Some(t0), Some(t0)], &[false, true]),
+            vec![WatchEvent::Ended { shard: ShardId(1) }]
+        );
         assert!(w
             .observe(
                 t0 + 10_000 * MS,
@@ -242,7 +250,10 @@ mod tests {
         // A stalled shard that then ends leaves the stalled set too.
         let mut w = Watchdog::new(1, WATCHDOG_BOUND, t0);
         assert_eq!(w.observe(t0 + 3000 * MS, &[None], &[false]).len(), 1);
-        assert!(w.observe(t0 + 3050 * MS, &[None], &[true]).is_empty());
+        assert_eq!(
+            w.observe(t0 + 3050 * MS, &[None], &[true]),
+            vec![WatchEvent::Ended { shard: ShardId(0) }]
+        );
         assert_eq!(w.stalled().count(), 0);
     }
 

@@ -12,6 +12,10 @@
 //! the unpatched glommio, 5 or 6 of the 8 executors stopped within 8 s in 3 runs out of 3 on
 //! a 2-core machine; with the patch none stops. Set `TICKSHARD_STALL_SECS` to run longer.
 
+#[path = "../../tests/common/contention.rs"]
+mod contention;
+
+use contention::Contention;
 use glommio::{Latency, LocalExecutorBuilder, Placement, Shares};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -36,17 +40,7 @@ fn latency_queues_keep_waking_under_cpu_contention() {
     // Milliseconds since `start` of each executor's last wake-up.
     let last: Arc<Vec<AtomicU64>> = Arc::new((0..EXECUTORS).map(|_| AtomicU64::new(0)).collect());
 
-    let hogs: Vec<_> = (0..cores)
-        .map(|_| {
-            let done = done.clone();
-            std::thread::spawn(move || {
-                let mut x = 0u64;
-                while !done.load(Ordering::Relaxed) {
-                    x = std::hint::black_box(x.wrapping_add(1));
-                }
-            })
-        })
-        .collect();
+    let contention = Contention::start();
 
     let executors: Vec<_> = (0..EXECUTORS)
         .map(|i| {
@@ -89,9 +83,7 @@ fn latency_queues_keep_waking_under_cpu_contention() {
         }
     }
     done.store(true, Ordering::Relaxed);
-    for h in hogs {
-        h.join().unwrap();
-    }
+    drop(contention);
     if stalled.is_empty() {
         for e in executors {
             e.join().unwrap();
