@@ -126,6 +126,12 @@ struct Point {
     bytes_out: f64,
     mem_per_player: f64,
     rtt_p99_ms: f64,
+    /// UDP datagrams into and out of the server per player-tick, and the ACK-only ones among
+    /// them (the server's counters over the steady window; player-ticks = snapshots sent).
+    pkts_in: f64,
+    pkts_out: f64,
+    ack_only_in: f64,
+    ack_only_out: f64,
 }
 
 impl Point {
@@ -277,7 +283,12 @@ fn run_point(bin: &Path, o: &Opts, bots: usize) -> Point {
     // The second stats line covers the steady phase.
     let steady = lines.get(1).or(lines.last()).cloned().unwrap_or_default();
     let w = |k: &str| field(&steady, k).unwrap_or(f64::NAN);
+    let per_pt = |k: &str| w(k) / w("window_snapshots");
     Point {
+        pkts_in: per_pt("window_udp_in"),
+        pkts_out: per_pt("window_udp_out"),
+        ack_only_in: per_pt("window_ack_only_in"),
+        ack_only_out: per_pt("window_ack_only_out"),
         bots,
         connected: g(&["connected"]),
         delivery: g(&["snapshot_delivery_ratio"]),
@@ -321,6 +332,10 @@ fn print_header() {
         "bots", "connected", "delivery", "srv µs/p-t", "tick p50µs", "tick p99µs", "late p50µs",
         "late p99µs", "overrun", "B/p/s in", "B/p/s out", "B/player", "rtt p99", "swarm µs/b-t"
     );
+    println!(
+        "{:>6} {:>9} {:>9} {:>9} {:>9}   (datagrams per player-tick: in, out, ACK-only in, ACK-only out)",
+        "", "pkt in", "pkt out", "ack in", "ack out"
+    );
 }
 
 fn print_point(p: &Point) {
@@ -340,6 +355,10 @@ fn print_point(p: &Point) {
         p.mem_per_player,
         p.rtt_p99_ms,
         p.swarm_cpu_us
+    );
+    println!(
+        "{:>6} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
+        "", p.pkts_in, p.pkts_out, p.ack_only_in, p.ack_only_out
     );
 }
 
@@ -424,6 +443,10 @@ fn main() {
             bytes_out: m(|p| p.bytes_out),
             mem_per_player: m(|p| p.mem_per_player),
             rtt_p99_ms: m(|p| p.rtt_p99_ms),
+            pkts_in: m(|p| p.pkts_in),
+            pkts_out: m(|p| p.pkts_out),
+            ack_only_in: m(|p| p.ack_only_in),
+            ack_only_out: m(|p| p.ack_only_out),
         });
     }
 }

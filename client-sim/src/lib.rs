@@ -142,12 +142,7 @@ impl ClientConfig {
         let quic_tls = quinn_proto::crypto::rustls::QuicClientConfig::try_from(tls)
             .expect("TLS 1.3 with an initial cipher suite is always configured");
         let mut quic = QuicClientConfig::new(Arc::new(quic_tls));
-        let mut transport = TransportConfig::default();
-        transport
-            .keep_alive_interval(Some(Duration::from_secs(2)))
-            .max_idle_timeout(Some(VarInt::from_u32(10_000).into()))
-            .datagram_receive_buffer_size(Some(256 * 1024));
-        quic.transport_config(Arc::new(transport));
+        quic.transport_config(Arc::new(transport(DEFAULT_TICK_PERIOD)));
         ClientConfig {
             quic,
             server_name: server_name.to_owned(),
@@ -155,6 +150,35 @@ impl ClientConfig {
             token: String::new(),
             auto_hello: true,
         }
+    }
+}
+
+/// The tick period assumed until [`ClientConfig::tick_period`] says otherwise (30 Hz).
+pub const DEFAULT_TICK_PERIOD: Duration = Duration::from_nanos(1_000_000_000 / 30);
+
+/// The client's QUIC transport settings for a game that sends every `tick_period`.
+fn transport(tick_period: Duration) -> TransportConfig {
+    let mut transport = TransportConfig::default();
+    // The server sends a snapshot each tick: ask it to hold acknowledgements that long, so they
+    // ride on snapshots instead of packets of their own (and accept the same from it).
+    let mut ack = quinn_proto::AckFrequencyConfig::default();
+    ack.max_ack_delay(Some(tickshard_schema::ack_delay_for(tick_period)))
+        .ack_eliciting_threshold(VarInt::from_u32(3));
+    transport
+        .keep_alive_interval(Some(Duration::from_secs(2)))
+        .max_idle_timeout(Some(VarInt::from_u32(10_000).into()))
+        .datagram_receive_buffer_size(Some(256 * 1024))
+        .ack_frequency_config(Some(ack));
+    transport
+}
+
+impl ClientConfig {
+    /// Fits the QUIC acknowledgement delay to a game ticking every `period` (the client sends
+    /// one input a tick, so the server's acknowledgements can wait for it, and the other way
+    /// round).
+    pub fn tick_period(&mut self, period: Duration) -> &mut Self {
+        self.quic.transport_config(Arc::new(transport(period)));
+        self
     }
 }
 

@@ -252,7 +252,10 @@ fn main() -> anyhow::Result<()> {
         Trust::from_cert_file(&a.cert)
             .with_context(|| "trusting the server certificate (use --pin or --cert)")?
     };
-    let client = ClientConfig::new(trust, &a.server_name);
+    let mut client = ClientConfig::new(trust, &a.server_name);
+    if (1..=1000).contains(&a.tick_rate) {
+        client.tick_period(Duration::from_secs(1) / a.tick_rate);
+    }
     let mut link = Link::preset(&a.link)
         .with_context(|| format!("unknown --link {:?} (perfect, good, average, poor)", a.link))?;
     if let Some(v) = a.loss {

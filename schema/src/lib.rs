@@ -50,6 +50,16 @@ pub const SNAPSHOT_IDENTIFIER: &str = "TSSN";
 pub const PROTOCOL_VERSION: u16 = 1;
 /// The ALPN protocol id of tickshard over QUIC.
 pub const ALPN: &[u8] = b"tickshard/1";
+
+/// The acknowledgement delay a QUIC peer that hears from the other side every `tick_period`
+/// asks for (QUIC's ACK frequency extension): a period and a quarter, so an acknowledgement
+/// rides on the next input or snapshot rather than in a packet of its own; at least 25 ms
+/// (QUIC's default) and at most 100 ms (the delay adds to the probe timeout, and so to loss
+/// recovery on the control stream). PROTOCOL.md explains it for other clients.
+pub fn ack_delay_for(tick_period: std::time::Duration) -> std::time::Duration {
+    use std::time::Duration;
+    (tick_period + tick_period / 4).clamp(Duration::from_millis(25), Duration::from_millis(100))
+}
 /// Largest control frame (the FlatBuffer, without its 4-byte length) either side accepts.
 /// Control messages are small (the largest is a chat line); 16 KiB leaves room for
 /// future messages while bounding what a peer can make the other buffer.

@@ -38,6 +38,7 @@ use crate::net::{self, Steering};
 use crate::ops::{Command, RoomResult, ShardReport};
 use crate::shard::HOUSEKEEPING_INTERVAL;
 use crate::shard::{ShardConfig, ShardCore};
+use crate::stats::QuicStats;
 use crate::tls::{self, Identity, TransportSettings};
 use crate::watchdog::{Liveness, WatchEvent, Watchdog, WATCHDOG_BOUND};
 use crate::{builtin_modes, ShardId};
@@ -198,6 +199,7 @@ pub fn serve_with_fleet(
         &identity,
         TransportSettings {
             idle_timeout: config.idle_timeout,
+            tick_period: Duration::from_secs(1) / u32::from(config.tick_rate.max(1)),
         },
     )?;
     let sockets = net::bind(config.listen, shards).map_err(|source| StartError::Bind {
@@ -957,6 +959,8 @@ impl Notify {
 #[derive(Default)]
 pub struct StatsWindow {
     prev: Option<(Histogram<u64>, Histogram<u64>, u64, u64)>,
+    /// Snapshots, datagrams in and out, and QUIC figures at the previous line.
+    prev_counts: (u64, u64, u64, QuicStats),
 }
 
 /// Logs one line of a shard's figures: totals since start, and `window_*` figures for the
@@ -974,6 +978,9 @@ pub fn log_stats(core: &ShardCore, window: &mut StatsWindow) {
         ticks -= pt;
         overruns -= po;
     }
+    let quic = core.quic_stats();
+    let (ps, pi, po, pq) = window.prev_counts;
+    window.prev_counts = (c.snapshots, c.udp_in, c.udp_out, quic);
     let q = |h: &Histogram<u64>, p: f64| {
         if h.is_empty() {
             0
@@ -1005,6 +1012,12 @@ pub fn log_stats(core: &ShardCore, window: &mut StatsWindow) {
         malformed = c.malformed_datagrams + c.malformed_frames,
         udp_in = c.udp_in,
         udp_out = c.udp_out,
+        window_snapshots = c.snapshots - ps,
+        window_udp_in = c.udp_in - pi,
+        window_udp_out = c.udp_out - po,
+        window_ack_only_in = quic.ack_only_in.saturating_sub(pq.ack_only_in),
+        window_ack_only_out = quic.ack_only_out.saturating_sub(pq.ack_only_out),
+        window_lost_packets = quic.lost_packets.saturating_sub(pq.lost_packets),
         "shard stats"
     );
     window.prev = Some((

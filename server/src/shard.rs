@@ -30,7 +30,7 @@ use crate::ids::{PlayerId, RoomId, ShardId, Tick};
 use crate::mesh::{JoinedInfo, RoomSummary, ShardMsg};
 use crate::ops::{Command, CommandError, DrainState, RoomEnd, RoomResult, ShardReport};
 use crate::room::{JoinError, Room, RoomOutput, Route};
-use crate::stats::{Counters, TickStats};
+use crate::stats::{Counters, QuicStats, TickStats};
 use bytes::{Bytes, BytesMut};
 use flatbuffers::FlatBufferBuilder;
 use quinn_proto::{
@@ -191,6 +191,8 @@ pub struct ShardCore {
     scratch: Vec<(Route, PlayerId, ControlMsg)>,
     clock: Box<dyn Fn() -> Instant>,
     counters: Counters,
+    /// quinn's statistics of the connections already retired.
+    retired_quic: QuicStats,
     ticks: TickStats,
     housekeeping_due: Option<Instant>,
     drain: DrainState,
@@ -242,6 +244,7 @@ impl ShardCore {
             scratch: Vec::new(),
             clock,
             counters: Counters::default(),
+            retired_quic: QuicStats::default(),
             ticks: TickStats::default(),
             housekeeping_due: None,
             drain: DrainState::Serving,
@@ -260,6 +263,15 @@ impl ShardCore {
     /// Counters.
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+    /// QUIC packet figures over every connection this shard has had (quinn's statistics of
+    /// each live connection are read now: call it a few times a second, not per packet).
+    pub fn quic_stats(&self) -> QuicStats {
+        let mut q = self.retired_quic;
+        for c in self.conns.iter().flatten() {
+            q.add(&c.conn.stats());
+        }
+        q
     }
     /// Counters, for the runtime to add socket figures.
     pub fn counters_mut(&mut self) -> &mut Counters {
@@ -756,6 +768,7 @@ impl ShardCore {
 
     fn remove_conn(&mut self, ch: usize) {
         if let Some(c) = self.conns[ch].take() {
+            self.retired_quic.add(&c.conn.stats());
             // The endpoint learns of the drain through the connection's endpoint events,
             // already delivered in `drive`.
             if self.players.get(&c.session.player) == Some(&ch) {

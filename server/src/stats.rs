@@ -121,3 +121,76 @@ pub struct Counters {
     /// Rooms closed.
     pub rooms_closed: u64,
 }
+
+/// QUIC packet figures of a shard: quinn's per-connection statistics summed over its live
+/// connections and those it has retired. Read a few times a second (reports, stats lines);
+/// nothing is counted per packet for them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct QuicStats {
+    /// UDP datagrams the connections sent.
+    pub packets_out: u64,
+    /// UDP datagrams the connections received.
+    pub packets_in: u64,
+    /// Packets sent that carried no ack-eliciting frame: acknowledgements alone. Estimated as
+    /// packets sent minus ack-eliciting frames sent, so a packet that carried two such frames
+    /// (a snapshot and a game event) hides one ACK-only packet: a lower bound, exact when every
+    /// packet carries at most one.
+    pub ack_only_out: u64,
+    /// Packets received that carried no ack-eliciting frame (the same estimate).
+    pub ack_only_in: u64,
+    /// Packets quinn declared lost.
+    pub lost_packets: u64,
+}
+
+impl QuicStats {
+    /// Adds one connection's statistics.
+    pub fn add(&mut self, s: &quinn_proto::ConnectionStats) {
+        self.packets_out += s.udp_tx.datagrams;
+        self.packets_in += s.udp_rx.datagrams;
+        self.ack_only_out += s
+            .udp_tx
+            .datagrams
+            .saturating_sub(ack_eliciting_frames(&s.frame_tx));
+        self.ack_only_in += s
+            .udp_rx
+            .datagrams
+            .saturating_sub(ack_eliciting_frames(&s.frame_rx));
+        self.lost_packets += s.path.lost_packets;
+    }
+
+    /// Adds another shard's or connection set's figures.
+    pub fn merge(&mut self, o: &QuicStats) {
+        self.packets_out += o.packets_out;
+        self.packets_in += o.packets_in;
+        self.ack_only_out += o.ack_only_out;
+        self.ack_only_in += o.ack_only_in;
+        self.lost_packets += o.lost_packets;
+    }
+}
+
+/// Frames that elicit an acknowledgement (every frame but ACK, PADDING and CONNECTION_CLOSE;
+/// RFC 9002 §2), as quinn counts them.
+fn ack_eliciting_frames(f: &quinn_proto::FrameStats) -> u64 {
+    f.ack_frequency
+        + f.crypto
+        + f.data_blocked
+        + f.datagram
+        + f.handshake_done as u64
+        + f.immediate_ack
+        + f.max_data
+        + f.max_stream_data
+        + f.max_streams_bidi
+        + f.max_streams_uni
+        + f.new_connection_id
+        + f.new_token
+        + f.path_challenge
+        + f.path_response
+        + f.ping
+        + f.reset_stream
+        + f.retire_connection_id
+        + f.stream_data_blocked
+        + f.streams_blocked_bidi
+        + f.streams_blocked_uni
+        + f.stop_sending
+        + f.stream
+}

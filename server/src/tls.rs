@@ -7,7 +7,7 @@
 //! fingerprint is logged at start.
 
 use quinn_proto::crypto::rustls::QuicServerConfig;
-use quinn_proto::{ServerConfig, TransportConfig, VarInt};
+use quinn_proto::{AckFrequencyConfig, ServerConfig, TransportConfig, VarInt};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -177,6 +177,20 @@ fn pem_encode(label: &str, der: &[u8]) -> String {
 pub struct TransportSettings {
     /// Close a connection after this long without hearing from the peer.
     pub idle_timeout: Duration,
+    /// The game's tick period (the longest, when modes differ): the server sends each seated
+    /// client a packet every period, so acknowledgements can wait that long and ride on it.
+    pub tick_period: Duration,
+}
+
+/// quinn's ACK frequency settings for a client the server sends to every `tick_period`: the
+/// client may hold an acknowledgement for [`tickshard_schema::ack_delay_for`] (quinn asks at
+/// most the path's RTT or 25 ms, whichever is larger), and acknowledges at once after 4
+/// unacknowledged packets or a reordering that would show a loss (quinn's defaults: 2, and 3).
+pub fn ack_frequency(tick_period: Duration) -> AckFrequencyConfig {
+    let mut c = AckFrequencyConfig::default();
+    c.max_ack_delay(Some(tickshard_schema::ack_delay_for(tick_period)))
+        .ack_eliciting_threshold(VarInt::from_u32(3));
+    c
 }
 
 /// Builds the quinn-proto server configuration: TLS 1.3 with ALPN `tickshard/1`, one
@@ -211,7 +225,8 @@ pub fn server_config(
         // Game traffic is paced by the tick; one connection never needs a large window.
         .stream_receive_window(VarInt::from_u32(64 * 1024))
         .receive_window(VarInt::from_u32(256 * 1024))
-        .send_window(256 * 1024);
+        .send_window(256 * 1024)
+        .ack_frequency_config(Some(ack_frequency(settings.tick_period)));
     config.transport_config(Arc::new(transport));
     config.migration(true);
     Ok(Arc::new(config))
@@ -245,6 +260,7 @@ mod tests {
             &b,
             TransportSettings {
                 idle_timeout: Duration::from_secs(10),
+                tick_period: Duration::from_millis(33),
             },
         )
         .unwrap();

@@ -87,6 +87,10 @@ pub struct SimClient {
     pub events: Vec<ClientEvent>,
     /// When set, every datagram to or from this client is lost (a vanished player).
     pub cut: bool,
+    /// Something happened to the client since its outputs were last collected.
+    dirty: bool,
+    /// The client's next timer, as of its last collection.
+    timeout: Option<Instant>,
 }
 
 pub struct Net {
@@ -112,6 +116,40 @@ pub struct Net {
     pub dropped: u64,
     /// When set, messages between shards are lost (a stuck shard).
     pub mesh_down: bool,
+    /// When set, every call into a shard runs inside [`measured_server`] and every call into a
+    /// client inside [`measured_client`], so an instruction counter (callgrind's
+    /// `--toggle-collect`) counts each side of the measured phase and nothing of the harness.
+    pub measure: bool,
+}
+
+/// Runs `f`; the frame callgrind's `--toggle-collect=*measured_server*` counts (server work).
+#[inline(never)]
+pub fn measured_server<R>(f: impl FnOnce() -> R) -> R {
+    std::hint::black_box(f())
+}
+
+/// Runs `f`; the frame callgrind's `--toggle-collect=*measured_client*` counts (client work).
+#[inline(never)]
+pub fn measured_client<R>(f: impl FnOnce() -> R) -> R {
+    std::hint::black_box(f())
+}
+
+/// Runs `f` inside [`measured_server`] when `on`.
+fn server<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    if on {
+        measured_server(f)
+    } else {
+        f()
+    }
+}
+
+/// Runs `f` inside [`measured_client`] when `on`.
+fn client<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    if on {
+        measured_client(f)
+    } else {
+        f()
+    }
 }
 
 thread_local! {
@@ -135,6 +173,7 @@ impl Net {
             &identity,
             TransportSettings {
                 idle_timeout: Duration::from_secs(10),
+                tick_period: Duration::from_secs(1) / u32::from(config.tick_rate.max(1)),
             },
         )
         .unwrap();
@@ -178,6 +217,7 @@ impl Net {
             delivered_up: 0,
             dropped: 0,
             mesh_down: false,
+            measure: false,
         }
     }
 
@@ -234,6 +274,8 @@ impl Net {
             addr,
             events: Vec::new(),
             cut: false,
+            dirty: true,
+            timeout: None,
         });
         i
     }
@@ -279,8 +321,13 @@ impl Net {
     /// Collects every output of every peer into the network.
     fn collect(&mut self) {
         let now = self.now();
+        let on = self.measure;
         for s in 0..self.shards.len() {
-            while let Some(t) = self.shards[s].poll_transmit(now, &mut self.buf) {
+            loop {
+                let (shard, buf) = (&mut self.shards[s], &mut self.buf);
+                let Some(t) = server(on, || shard.poll_transmit(now, buf)) else {
+                    break;
+                };
                 let data = std::mem::take(&mut self.buf);
                 let dest = self.clients.iter().position(|c| c.addr == t.destination);
                 if let Some(ci) = dest.filter(|&ci| !self.clients[ci].cut) {
@@ -290,12 +337,23 @@ impl Net {
                 }
                 self.buf = data;
             }
-            while let Some(m) = self.shards[s].poll_shard_message() {
+            loop {
+                let shard = &mut self.shards[s];
+                let Some(m) = server(on, || shard.poll_shard_message()) else {
+                    break;
+                };
                 self.mesh.push_back(m);
             }
         }
         for c in 0..self.clients.len() {
-            while let Some(t) = self.clients[c].client.poll_transmit(now, &mut self.buf) {
+            if !self.clients[c].dirty {
+                continue;
+            }
+            loop {
+                let (cl, buf) = (&mut self.clients[c].client, &mut self.buf);
+                let Some(t) = client(on, || cl.poll_transmit(now, buf)) else {
+                    break;
+                };
                 let data = std::mem::take(&mut self.buf);
                 let from = self.clients[c].addr;
                 let cut = self.clients[c].cut;
@@ -307,9 +365,16 @@ impl Net {
                 }
                 self.buf = data;
             }
-            while let Some(ev) = self.clients[c].client.poll_event() {
+            loop {
+                let cl = &mut self.clients[c].client;
+                let Some(ev) = client(on, || cl.poll_event()) else {
+                    break;
+                };
                 self.clients[c].events.push(ev);
             }
+            let sc = &mut self.clients[c];
+            sc.timeout = client(on, || sc.client.poll_timeout());
+            sc.dirty = false;
         }
     }
 
@@ -321,18 +386,23 @@ impl Net {
                 t = Some(t.map_or(x, |t| t.min(x)));
             }
         };
+        let on = self.measure;
         for s in &mut self.shards {
-            take(s.poll_timeout());
-            take(Some(s.next_tick(now)));
+            take(server(on, || s.poll_timeout()));
+            take(Some(server(on, || s.next_tick(now))));
         }
-        for c in &mut self.clients {
-            take(c.client.poll_timeout());
+        for c in &self.clients {
+            take(c.timeout);
         }
         t
     }
 
     /// Runs the network until virtual time `until`, processing events in time order.
     pub fn run_until(&mut self, until: Instant) {
+        // Tests call clients directly between runs: look at every client once.
+        for c in &mut self.clients {
+            c.dirty = true;
+        }
         let mut guard = 0u64;
         loop {
             guard += 1;
@@ -343,7 +413,8 @@ impl Net {
             }
             while let Some((to, msg)) = self.mesh.pop_front() {
                 let now = self.now();
-                self.shards[to.0 as usize].handle_shard_message(now, msg);
+                let shard = &mut self.shards[to.0 as usize];
+                server(self.measure, || shard.handle_shard_message(now, msg));
                 self.collect();
             }
             let Some(next) = self.next_event() else {
@@ -367,30 +438,36 @@ impl Net {
                     Dest::Server => {
                         self.delivered_up += 1;
                         let s = self.steer(&f.data);
-                        self.shards[s].handle_datagram(
-                            now,
-                            f.from,
-                            None,
-                            BytesMut::from(&f.data[..]),
-                        );
+                        let data = BytesMut::from(&f.data[..]);
+                        let shard = &mut self.shards[s];
+                        server(self.measure, || {
+                            shard.handle_datagram(now, f.from, None, data)
+                        });
                     }
-                    Dest::Client(i) => self.clients[i].client.handle_datagram(
-                        now,
-                        f.from,
-                        BytesMut::from(&f.data[..]),
-                    ),
+                    Dest::Client(i) => {
+                        let data = BytesMut::from(&f.data[..]);
+                        let c = &mut self.clients[i];
+                        c.dirty = true;
+                        client(self.measure, || c.client.handle_datagram(now, f.from, data));
+                    }
                 }
             }
+            let on = self.measure;
             for s in &mut self.shards {
-                if s.poll_timeout().is_some_and(|t| t <= now) {
-                    s.handle_timeout(now);
-                }
-                if s.next_tick(now) <= now {
-                    s.handle_tick(now);
-                }
+                server(on, || {
+                    if s.poll_timeout().is_some_and(|t| t <= now) {
+                        s.handle_timeout(now);
+                    }
+                    if s.next_tick(now) <= now {
+                        s.handle_tick(now);
+                    }
+                });
             }
             for c in &mut self.clients {
-                c.client.handle_timeout(now);
+                if c.timeout.is_some_and(|t| t <= now) {
+                    c.dirty = true;
+                    client(on, || c.client.handle_timeout(now));
+                }
             }
         }
     }
@@ -430,7 +507,9 @@ impl Net {
             for i in 0..self.clients.len() {
                 if self.clients[i].client.entity_id().is_some() {
                     if let Some((x, y, b, a)) = input(i, t) {
-                        self.clients[i].client.send_input(now, x, y, b, a);
+                        let c = &mut self.clients[i];
+                        c.dirty = true;
+                        client(self.measure, || c.client.send_input(now, x, y, b, a));
                     }
                 }
             }
