@@ -183,13 +183,15 @@ pub struct TransportSettings {
 }
 
 /// quinn's ACK frequency settings for a client the server sends to every `tick_period`: the
-/// client may hold an acknowledgement for [`tickshard_schema::ack_delay_for`] (quinn asks at
-/// most the path's RTT or 25 ms, whichever is larger), and acknowledges at once after 4
-/// unacknowledged packets or a reordering that would show a loss (quinn's defaults: 2, and 3).
+/// client may hold an acknowledgement for [`tickshard_schema::ack_delay_for`], even on a path
+/// whose RTT is shorter (the vendored quinn-proto's `max_ack_delay_above_rtt`; stock quinn
+/// asks at most the RTT or 25 ms), and acknowledges at once after 4 unacknowledged packets or a
+/// reordering that would show a loss (quinn's defaults: 2, and 3).
 pub fn ack_frequency(tick_period: Duration) -> AckFrequencyConfig {
     let mut c = AckFrequencyConfig::default();
     c.max_ack_delay(Some(tickshard_schema::ack_delay_for(tick_period)))
-        .ack_eliciting_threshold(VarInt::from_u32(3));
+        .ack_eliciting_threshold(VarInt::from_u32(3))
+        .max_ack_delay_above_rtt(true);
     c
 }
 

@@ -488,6 +488,7 @@ pub struct AckFrequencyConfig {
     pub(crate) ack_eliciting_threshold: VarInt,
     pub(crate) max_ack_delay: Option<Duration>,
     pub(crate) reordering_threshold: VarInt,
+    pub(crate) max_ack_delay_above_rtt: bool,
 }
 
 impl AckFrequencyConfig {
@@ -521,6 +522,20 @@ impl AckFrequencyConfig {
         self
     }
 
+    /// Request the configured [`AckFrequencyConfig::max_ack_delay`] even when it exceeds the
+    /// path's RTT and 25ms (tickshard)
+    ///
+    /// By default the requested delay is clamped to at most the greater of the current path RTT
+    /// and 25ms, as the ACK frequency draft recommends for traffic paced by congestion control.
+    /// An application that sends at a fixed rate (one packet per game tick each way) can ask
+    /// for a delay of one send period instead, so that every acknowledgement rides on the next
+    /// packet rather than in a packet of its own; the cost is a probe timeout longer by the
+    /// same amount. Defaults to `false`.
+    pub fn max_ack_delay_above_rtt(&mut self, value: bool) -> &mut Self {
+        self.max_ack_delay_above_rtt = value;
+        self
+    }
+
     /// The reordering threshold we will request the peer to use
     ///
     /// This threshold represents the amount of out-of-order packets that will trigger an endpoint
@@ -546,6 +561,7 @@ impl Default for AckFrequencyConfig {
             ack_eliciting_threshold: VarInt(1),
             max_ack_delay: None,
             reordering_threshold: VarInt(2),
+            max_ack_delay_above_rtt: false,
         }
     }
 }

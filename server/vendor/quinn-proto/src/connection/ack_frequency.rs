@@ -46,12 +46,15 @@ impl AckFrequencyState {
         // Use the peer's max_ack_delay if no custom max_ack_delay was provided in the config
         let candidate = config.max_ack_delay.unwrap_or(self.peer_max_ack_delay);
 
+        // Should be less than the RTT (itself at least `MIN_AUTOMATIC_ACK_DELAY`), unless the
+        // application asked for its configured delay as is (tickshard)
+        let candidate = match config.max_ack_delay {
+            Some(configured) if config.max_ack_delay_above_rtt => configured,
+            _ => Ord::min(candidate, Ord::max(rtt, MIN_AUTOMATIC_ACK_DELAY)),
+        };
+
         // Must be no smaller than the `min_ack_delay` advertised by the peer
-        Ord::max(
-            // Should be less than the RTT (itself at least `MIN_AUTOMATIC_ACK_DELAY`)
-            Ord::min(candidate, Ord::max(rtt, MIN_AUTOMATIC_ACK_DELAY)),
-            min_ack_delay,
-        )
+        Ord::max(candidate, min_ack_delay)
     }
 
     /// Returns the `max_ack_delay` for the purposes of calculating the PTO
@@ -202,5 +205,33 @@ mod tests {
             &params,
         );
         assert_eq!(delay, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn configured_max_ack_delay_above_rtt_is_requested_as_is() {
+        let params = TransportParameters {
+            min_ack_delay: Some(1_000u32.into()),
+            ..TransportParameters::default()
+        };
+        let state = AckFrequencyState::new(Duration::from_millis(25));
+        let mut config = AckFrequencyConfig::default();
+        config.max_ack_delay(Some(Duration::from_millis(42)));
+        let rtt = Duration::from_millis(1);
+        // Clamped to max(RTT, 25ms) by default.
+        assert_eq!(
+            state.candidate_max_ack_delay(rtt, &config, &params),
+            Duration::from_millis(25)
+        );
+        config.max_ack_delay_above_rtt(true);
+        assert_eq!(
+            state.candidate_max_ack_delay(rtt, &config, &params),
+            Duration::from_millis(42)
+        );
+        // Never below the peer's min_ack_delay.
+        config.max_ack_delay(Some(Duration::from_micros(10)));
+        assert_eq!(
+            state.candidate_max_ack_delay(rtt, &config, &params),
+            Duration::from_millis(1)
+        );
     }
 }
