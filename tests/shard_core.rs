@@ -1000,3 +1000,43 @@ fn operators_close_rooms_and_kick_players() {
     );
     assert!(net.closed(b).is_none());
 }
+
+/// Rooms created in a burst do not tick at the same instant: each new room's schedule is put
+/// where it is farthest from the others' ticks, so eight rooms made within a few milliseconds
+/// tick about an eighth of a period apart (a room tick would otherwise wait for seven others).
+#[test]
+fn rooms_created_together_tick_apart() {
+    let mut net = Net::new(NetConfig {
+        capacity: 1,
+        ..NetConfig::default()
+    });
+    for _ in 0..8 {
+        net.add_client();
+    }
+    net.connect_all(Duration::from_secs(2));
+    join_all(&mut net);
+    let period = Duration::from_secs(1) / net.config.tick_rate as u32;
+    let p = period.as_nanos();
+    let now = net.now();
+    let shard = &net.shards[0];
+    let mut phases: Vec<u128> = shard
+        .rooms()
+        .iter()
+        .map(|r| {
+            let due = shard.room(r.id).unwrap().next_due();
+            assert!(due + period > now, "room {} is overdue", r.id);
+            due.saturating_duration_since(now).as_nanos() % p
+        })
+        .collect();
+    assert_eq!(phases.len(), 8, "one room per client");
+    phases.sort_unstable();
+    let gaps: Vec<u128> = (0..8)
+        .map(|i| (phases[(i + 1) % 8] + p - phases[i]) % p)
+        .collect();
+    let min = *gaps.iter().min().unwrap();
+    // An eighth of the period, less one candidate step.
+    assert!(
+        min >= p / 8 - p / 64,
+        "rooms tick too close together: gaps {gaps:?} ns of a {p} ns period"
+    );
+}

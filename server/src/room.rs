@@ -179,6 +179,18 @@ impl Room {
     pub fn empty_since(&self) -> Option<Instant> {
         self.empty_since
     }
+    /// The tick period.
+    pub fn period(&self) -> Duration {
+        self.period
+    }
+    /// Shifts the room's schedule by `offset` (at most a period) before its first tick, so that
+    /// rooms created close together do not all tick at once: tick *n* falls due at `created +
+    /// offset + n * period`. Ignored once the room has ticked.
+    pub fn offset_schedule(&mut self, offset: Duration) {
+        if self.tick == Tick(0) && self.deadline_index == 1 {
+            self.start = self.created + offset.min(self.period);
+        }
+    }
     /// When the next tick is due.
     pub fn next_due(&self) -> Instant {
         self.start + self.period * self.deadline_index as u32

@@ -71,6 +71,9 @@ pub const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(50);
 /// How long a join may wait for the room's shard to answer before the client gets
 /// `SHARD_UNAVAILABLE`. Shards answer within a loop pass; two seconds means one is stuck.
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// Offsets into the tick period a new room's schedule is chosen from (see `free_phase`): at
+/// 30 Hz, about half a millisecond apart.
+pub const PHASE_CANDIDATES: u32 = 64;
 
 /// Configuration of one shard.
 #[derive(Clone)]
@@ -1213,12 +1216,56 @@ impl ShardCore {
         self.next_room += 1;
         let seed = self.rng.next_u64();
         self.room_index.insert(id, self.rooms.len());
-        self.rooms
-            .push(Room::new(id, spec, seed, self.config.max_datagram, now));
+        let mut room = Room::new(id, spec, seed, self.config.max_datagram, now);
+        room.offset_schedule(self.free_phase(room.period(), now));
+        self.rooms.push(room);
         self.counters.rooms_created += 1;
         self.directory_dirty = true;
         info!(shard = self.config.shard.0, room = %id, mode, "room created");
         id
+    }
+
+    /// Where in the tick period a new room ticking every `period` should tick: of
+    /// [`PHASE_CANDIDATES`] offsets spread over the period, the one farthest from the ticks of
+    /// the rooms already here (ties: the earliest). Rooms created together (a burst of quick
+    /// matches) would otherwise tick at the same instant, and the last of them would start
+    /// late by the sum of the others' ticks.
+    fn free_phase(&self, period: Duration, now: Instant) -> Duration {
+        let p = period.as_nanos().max(1);
+        // Each room's next tick as an offset into the period from `now`.
+        let phases: Vec<u128> = self
+            .rooms
+            .iter()
+            .filter(|r| r.period() == period)
+            .map(|r| {
+                let due = r.next_due();
+                if due >= now {
+                    (due - now).as_nanos() % p
+                } else {
+                    (p - (now - due).as_nanos() % p) % p
+                }
+            })
+            .collect();
+        if phases.is_empty() {
+            return Duration::ZERO;
+        }
+        let n = PHASE_CANDIDATES as u128;
+        let best = (0..n)
+            .map(|k| {
+                let o = k * p / n;
+                let gap = phases
+                    .iter()
+                    .map(|&ph| {
+                        let d = o.abs_diff(ph);
+                        d.min(p - d)
+                    })
+                    .min()
+                    .unwrap_or(p);
+                (gap, std::cmp::Reverse(k))
+            })
+            .max()
+            .map_or(0, |(_, std::cmp::Reverse(k))| k);
+        Duration::from_nanos((best * p / n) as u64)
     }
 
     fn leave_room(&mut self, player: PlayerId, room: RoomId, now: Instant) {
