@@ -34,15 +34,8 @@ fn snapshot_build(c: &mut Criterion) {
                     state: EntityState::new(i, (i * 16 + tick) as u16, 100, 0, 0, 100, 0, 0, 0),
                     priority: i,
                 }));
-                let (bytes, _) = h.build(
-                    tick,
-                    tick.saturating_sub(2),
-                    tick,
-                    1,
-                    &mut view,
-                    1100,
-                    &mut w,
-                );
+                let (bytes, _) =
+                    h.build(tick, tick.saturating_sub(2), tick, &mut view, 1100, &mut w);
                 black_box(bytes.len());
             });
         });

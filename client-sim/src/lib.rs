@@ -63,8 +63,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tickshard_schema::{
-    codes, decode_snapshot, ControlMsg, EntityState, FrameDecoder, InputCmd, InputDatagram,
-    LeaveReason, MAX_INPUT_REDUNDANCY, PROTOCOL_VERSION,
+    changes::apply_changes, codes, decode_snapshot, ControlMsg, EntityState, FrameDecoder,
+    InputCmd, InputDatagram, LeaveReason, MAX_INPUT_REDUNDANCY, PROTOCOL_VERSION,
 };
 
 /// How many reconstructed snapshots the client keeps as possible delta baselines. The server
@@ -841,20 +841,13 @@ impl Client {
                 }
             }
         }
-        if let Some(removed) = s.removed() {
-            for id in removed.iter() {
-                if let Ok(i) = state.binary_search_by_key(&id, |e| e.id()) {
-                    state.remove(i);
-                }
-            }
-        }
-        if let Some(ents) = s.entities() {
-            for e in ents.iter() {
-                match state.binary_search_by_key(&e.id(), |x| x.id()) {
-                    Ok(i) => state[i] = *e,
-                    Err(i) => state.insert(i, *e),
-                }
-            }
+        let applied = s
+            .changes()
+            .map_or(Ok(()), |c| apply_changes(c.bytes(), &mut state));
+        if applied.is_err() {
+            self.stats.decode_errors += 1;
+            self.spare = state;
+            return;
         }
         if self.history.len() == CLIENT_HISTORY {
             if let Some((_, old)) = self.history.pop_front() {

@@ -31,6 +31,8 @@ mod tickshard_generated;
 
 use flatbuffers::{FlatBufferBuilder, VerifierOptions, WIPOffset};
 
+pub mod changes;
+
 /// The generated FlatBuffers types (tables, structs, unions), as flatc named them.
 #[allow(missing_docs)]
 pub mod wire {
@@ -47,7 +49,7 @@ pub const INPUT_IDENTIFIER: &str = "TSIN";
 pub const SNAPSHOT_IDENTIFIER: &str = "TSSN";
 
 /// The protocol version a client announces in `Hello`. A server refuses other versions.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The ALPN protocol id of tickshard over QUIC.
 pub const ALPN: &[u8] = b"tickshard/1";
 
@@ -238,10 +240,11 @@ impl InputDatagram {
     }
 }
 
-/// Fixed part of a snapshot's encoded size (header, vtable, vector lengths), used to plan
-/// how many entities fit one datagram. Measured from encoded snapshots with a margin.
+/// Fixed part of a snapshot's encoded size (header, vtable, the changes vector's length and
+/// padding), used to plan how many entity records fit one datagram. Measured from encoded
+/// snapshots with a margin.
 pub const SNAPSHOT_OVERHEAD: usize = 64;
-/// Encoded size of one entity in a snapshot.
+/// Size of one entity state in memory (the unpacked form both sides hold).
 pub const ENTITY_STATE_SIZE: usize = std::mem::size_of::<EntityState>();
 
 /// Builds snapshot datagrams into a builder that is reused from one snapshot to the next.
@@ -258,29 +261,19 @@ impl Default for SnapshotWriter {
 }
 
 impl SnapshotWriter {
-    /// Encodes one snapshot and returns its bytes (valid until the next call).
-    pub fn encode(
-        &mut self,
-        tick: u32,
-        baseline: u32,
-        last_input: u32,
-        you: u32,
-        entities: &[EntityState],
-        removed: &[u32],
-    ) -> &[u8] {
+    /// Encodes one snapshot and returns its bytes (valid until the next call). `changes` is
+    /// the packed delta ([`changes::encode_changes`]).
+    pub fn encode(&mut self, tick: u32, baseline: u32, last_input: u32, changes: &[u8]) -> &[u8] {
         let fbb = &mut self.fbb;
         fbb.reset();
-        let entities = fbb.create_vector(entities);
-        let removed = fbb.create_vector(removed);
+        let changes = fbb.create_vector(changes);
         let snap = wire::Snapshot::create(
             fbb,
             &wire::SnapshotArgs {
                 tick,
                 baseline,
                 last_input,
-                you,
-                entities: Some(entities),
-                removed: Some(removed),
+                changes: Some(changes),
             },
         );
         fbb.finish(snap, Some(SNAPSHOT_IDENTIFIER));
@@ -831,15 +824,28 @@ mod tests {
     #[test]
     fn snapshot_fits_budget() {
         let mut w = SnapshotWriter::default();
-        let ents = vec![EntityState::new(1, 2, 3, 0, 0, 100, 0, 5, 0); 60];
-        let bytes = w.encode(1, 0, 0, 1, &ents, &[1, 2, 3]).to_vec();
+        let ents: Vec<EntityState> = (1..=60)
+            .map(|i| EntityState::new(i, 2, 3, 0, 0, 100, 0, 5, 0))
+            .collect();
+        let mut packed = Vec::new();
+        changes::encode_changes(&[], &[70, 71, 72], &ents, &mut packed);
+        let planned = changes::count_bound(3)
+            + 3 * changes::removal_bound(72)
+            + ents
+                .iter()
+                .map(|e| changes::record_bound(None, e))
+                .sum::<usize>();
+        let bytes = w.encode(1, 0, 0, &packed).to_vec();
         assert!(
-            bytes.len() <= SNAPSHOT_OVERHEAD + 60 * ENTITY_STATE_SIZE + 3 * 4,
-            "{}",
-            bytes.len()
+            bytes.len() <= SNAPSHOT_OVERHEAD + planned,
+            "{} > {} + {planned}",
+            bytes.len(),
+            SNAPSHOT_OVERHEAD
         );
         let s = decode_snapshot(&bytes).unwrap();
-        assert_eq!(s.entities().unwrap().len(), 60);
+        let mut state = Vec::new();
+        changes::apply_changes(s.changes().unwrap().bytes(), &mut state).unwrap();
+        assert_eq!(state, ents);
     }
 }
 

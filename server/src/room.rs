@@ -88,7 +88,6 @@ pub enum JoinError {
 
 struct Seat {
     player: PlayerId,
-    entity: EntityId,
     route: Route,
     queue: VecDeque<PlayerInput>,
     last_received: u32,
@@ -228,7 +227,6 @@ impl Room {
         self.index.insert(player, self.seats.len());
         self.seats.push(Seat {
             player,
-            entity,
             route,
             queue: VecDeque::with_capacity(INPUT_QUEUE),
             last_received: 0,
@@ -360,7 +358,6 @@ impl Room {
                 self.tick.0,
                 seat.ack,
                 seat.last_applied,
-                seat.entity.0,
                 &mut self.view,
                 self.max_datagram,
                 &mut self.writer,

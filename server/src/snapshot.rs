@@ -7,14 +7,18 @@
 //! left the view. Without a usable acknowledgement (none yet, too old, or a tick never sent)
 //! the snapshot is a full one (baseline 0).
 //!
+//! Each entity is sent as a packed record of only the fields that changed, positions as the
+//! difference from the baseline ([`tickshard_schema::changes`], PROTOCOL.md "Entity changes").
 //! When the changes do not fit one datagram, entities go in priority order (the viewer's own
-//! entity first, then nearest first); what does not fit stays as the client last saw it and
-//! is sent in a later tick. Removals always go first: they are 4 bytes each.
+//! entity first, then nearest first), planned with each record's size bound; what does not fit
+//! stays as the client last saw it and is sent in a later tick. Removals always go first: they
+//! are one to three bytes each.
 //!
 //! Every buffer here is reused from tick to tick: building a snapshot does not allocate once
 //! the viewer's history has warmed up.
 
 use crate::game::ViewEntity;
+use tickshard_schema::changes::{count_bound, encode_changes, record_bound, removal_bound};
 use tickshard_schema::{EntityState, SnapshotWriter, ENTITY_STATE_SIZE, SNAPSHOT_OVERHEAD};
 
 /// How many past snapshots a viewer's history keeps. At 30 Hz, 16 ticks is 533 ms: an
@@ -37,6 +41,7 @@ pub struct ViewerHistory {
     removed: Vec<u32>,
     ids: Vec<u32>,
     merged: Vec<EntityState>,
+    packed: Vec<u8>,
 }
 
 /// Figures of one built snapshot.
@@ -70,13 +75,11 @@ impl ViewerHistory {
     ///
     /// `view` is what the viewer can see now (any order; it is sorted here by priority).
     /// The encoded datagram is left in `writer`'s buffer and returned with its figures.
-    #[allow(clippy::too_many_arguments)]
     pub fn build<'w>(
         &mut self,
         tick: u32,
         ack: u32,
         last_input: u32,
-        you: u32,
         view: &mut [ViewEntity],
         max_bytes: usize,
         writer: &'w mut SnapshotWriter,
@@ -111,30 +114,48 @@ impl ViewerHistory {
             }
         }
         let mut budget = max_bytes.saturating_sub(SNAPSHOT_OVERHEAD);
-        let removal_room = budget / 4;
-        self.removed.truncate(removal_room);
-        budget -= self.removed.len() * 4;
+        // The removal count's varint is planned for the most removals there can be.
+        budget = budget.saturating_sub(count_bound(self.removed.len()));
+        let mut kept = 0;
+        for &id in &self.removed {
+            let need = removal_bound(id);
+            if need > budget {
+                break;
+            }
+            budget -= need;
+            kept += 1;
+        }
+        self.removed.truncate(kept);
 
         // Changes, in priority order, while they fit.
         self.sent.clear();
         let mut deferred = 0;
+        let base_state: &[EntityState] = if baseline != 0 {
+            &self.entries[base_slot].state
+        } else {
+            &[]
+        };
         for v in view.iter() {
-            let unchanged = baseline != 0
-                && self.entries[base_slot]
-                    .state
-                    .binary_search_by_key(&v.state.id(), |e| e.id())
-                    .is_ok_and(|i| self.entries[base_slot].state[i] == v.state);
-            if unchanged {
+            let base = base_state
+                .binary_search_by_key(&v.state.id(), |e| e.id())
+                .ok()
+                .map(|i| &base_state[i]);
+            if base == Some(&v.state) {
                 continue;
             }
-            if budget < ENTITY_STATE_SIZE {
+            let need = record_bound(base, &v.state);
+            if need > budget {
                 deferred += 1;
                 continue;
             }
-            budget -= ENTITY_STATE_SIZE;
+            budget -= need;
             self.sent.push(v.state);
         }
-        let bytes = writer.encode(tick, baseline, last_input, you, &self.sent, &self.removed);
+        // Records go in id order (ids are sent as gaps).
+        self.sent.sort_unstable_by_key(|e| e.id());
+        self.packed.clear();
+        encode_changes(base_state, &self.removed, &self.sent, &mut self.packed);
+        let bytes = writer.encode(tick, baseline, last_input, &self.packed);
 
         // Record what the client will hold: baseline - removed, then upsert what was sent.
         self.merged.clear();
@@ -169,6 +190,7 @@ impl ViewerHistory {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tickshard_schema::changes::apply_changes;
     use tickshard_schema::decode_snapshot;
 
     fn ent(id: u32, x: u16) -> ViewEntity {
@@ -183,7 +205,7 @@ mod tests {
         let mut h = ViewerHistory::default();
         let mut w = SnapshotWriter::default();
         let mut view = vec![ent(1, 10), ent(2, 20), ent(3, 30)];
-        let (_, b1) = h.build(1, 0, 0, 1, &mut view, 1200, &mut w);
+        let (_, b1) = h.build(1, 0, 0, &mut view, 1200, &mut w);
         assert_eq!(
             b1,
             BuiltSnapshot {
@@ -194,7 +216,7 @@ mod tests {
             }
         );
         let mut view = vec![ent(1, 11), ent(2, 20)];
-        let (bytes, b2) = h.build(2, 1, 0, 1, &mut view, 1200, &mut w);
+        let (bytes, b2) = h.build(2, 1, 0, &mut view, 1200, &mut w);
         assert_eq!(
             b2,
             BuiltSnapshot {
@@ -205,25 +227,33 @@ mod tests {
             }
         );
         let s = decode_snapshot(bytes).unwrap();
-        assert_eq!(s.removed().unwrap().iter().collect::<Vec<_>>(), vec![3]);
-        assert_eq!(s.entities().unwrap().get(0).x(), 11);
+        // The client held 1, 2, 3 at tick 1: 3 is removed and 1 moved.
+        let mut held = vec![ent(1, 10).state, ent(2, 20).state, ent(3, 30).state];
+        apply_changes(s.changes().unwrap().bytes(), &mut held).unwrap();
+        assert_eq!(held, vec![ent(1, 11).state, ent(2, 20).state]);
     }
 
     #[test]
     fn budget_defers_low_priority_entities() {
         let mut h = ViewerHistory::default();
         let mut w = SnapshotWriter::default();
-        let mut view: Vec<_> = (1..=100).map(|i| ent(i, i as u16)).collect();
-        let max = SNAPSHOT_OVERHEAD + 10 * ENTITY_STATE_SIZE;
-        let (bytes, b) = h.build(1, 0, 0, 1, &mut view, max, &mut w);
+        // Records of these new entities take 5 bytes (id gap, mask, x in 2, health): room for
+        // ten, and the removal count.
+        let mut view: Vec<_> = (1..=100).map(|i| ent(i, 300 + i as u16)).collect();
+        let one = record_bound(None, &view[0].state);
+        assert_eq!(one, 5);
+        let max = SNAPSHOT_OVERHEAD + 1 + 10 * one;
+        let (bytes, b) = h.build(1, 0, 0, &mut view, max, &mut w);
         assert!(bytes.len() <= max, "{} > {max}", bytes.len());
         assert_eq!(b.entities, 10);
         assert_eq!(b.deferred, 90);
         let s = decode_snapshot(bytes).unwrap();
-        let ids: Vec<u32> = s.entities().unwrap().iter().map(|e| e.id()).collect();
+        let mut held = Vec::new();
+        apply_changes(s.changes().unwrap().bytes(), &mut held).unwrap();
+        let ids: Vec<u32> = held.iter().map(|e| e.id()).collect();
         assert_eq!(ids, (1..=10).collect::<Vec<_>>(), "highest priority first");
         // The next delta against tick 1 sends the next ten.
-        let (_, b) = h.build(2, 1, 0, 1, &mut view, max, &mut w);
+        let (_, b) = h.build(2, 1, 0, &mut view, max, &mut w);
         assert_eq!((b.baseline, b.entities, b.deferred), (1, 10, 80));
     }
 
@@ -232,9 +262,9 @@ mod tests {
         let mut h = ViewerHistory::default();
         let mut w = SnapshotWriter::default();
         let mut view = vec![ent(1, 1)];
-        h.build(1, 0, 0, 1, &mut view, 1200, &mut w);
+        h.build(1, 0, 0, &mut view, 1200, &mut w);
         for (tick, ack) in [(2, 9), (40, 1), (41, 0)] {
-            let (_, b) = h.build(tick, ack, 0, 1, &mut view, 1200, &mut w);
+            let (_, b) = h.build(tick, ack, 0, &mut view, 1200, &mut w);
             assert_eq!(b.baseline, 0, "tick {tick} ack {ack}");
         }
     }

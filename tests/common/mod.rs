@@ -357,7 +357,9 @@ impl QuinnClient {
                     let d = d.expect("connection stays up");
                     let s = tickshard_schema::decode_snapshot(&d).expect("snapshots verify");
                     assert_eq!(s.baseline(), 0, "without acknowledgements every snapshot is full");
-                    let entities: Vec<(u32, f32, f32)> = s.entities().unwrap().iter().map(|e| (e.id(), e.x() as f32 / 16.0, e.y() as f32 / 16.0)).collect();
+                    let mut state = Vec::new();
+                    tickshard_schema::changes::apply_changes(s.changes().unwrap().bytes(), &mut state).expect("changes decode");
+                    let entities: Vec<(u32, f32, f32)> = state.iter().map(|e| (e.id(), e.x() as f32 / 16.0, e.y() as f32 / 16.0)).collect();
                     if let Some(&(_, x, y)) = entities.iter().find(|e| e.0 == entity) {
                         own = Some((x, y));
                     }

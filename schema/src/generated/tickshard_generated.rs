@@ -3052,9 +3052,7 @@ pub mod tickshard {
             pub const VT_TICK: ::flatbuffers::VOffsetT = 4;
             pub const VT_BASELINE: ::flatbuffers::VOffsetT = 6;
             pub const VT_LAST_INPUT: ::flatbuffers::VOffsetT = 8;
-            pub const VT_YOU: ::flatbuffers::VOffsetT = 10;
-            pub const VT_ENTITIES: ::flatbuffers::VOffsetT = 12;
-            pub const VT_REMOVED: ::flatbuffers::VOffsetT = 14;
+            pub const VT_CHANGES: ::flatbuffers::VOffsetT = 16;
 
             #[inline]
             pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -3071,13 +3069,9 @@ pub mod tickshard {
                 args: &'args SnapshotArgs<'args>,
             ) -> ::flatbuffers::WIPOffset<Snapshot<'bldr>> {
                 let mut builder = SnapshotBuilder::new(_fbb);
-                if let Some(x) = args.removed {
-                    builder.add_removed(x);
+                if let Some(x) = args.changes {
+                    builder.add_changes(x);
                 }
-                if let Some(x) = args.entities {
-                    builder.add_entities(x);
-                }
-                builder.add_you(args.you);
                 builder.add_last_input(args.last_input);
                 builder.add_baseline(args.baseline);
                 builder.add_tick(args.tick);
@@ -3116,34 +3110,18 @@ pub mod tickshard {
                         .unwrap()
                 }
             }
-            /// The viewer's own entity id.
+            /// The delta against the baseline, packed (PROTOCOL.md, "Entity changes"): the ids that
+            /// left the view, then one record per entity new or changed, each field only when it
+            /// changed and positions as differences. Every visible entity when baseline is 0.
             #[inline]
-            pub fn you(&self) -> u32 {
-                // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
-                unsafe { self._tab.get::<u32>(Snapshot::VT_YOU, Some(0)).unwrap() }
-            }
-            /// Entities new or changed since the baseline (all visible entities when baseline is 0).
-            #[inline]
-            pub fn entities(&self) -> Option<::flatbuffers::Vector<'a, EntityState>> {
-                // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
-                unsafe {
-                    self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, EntityState>>>(Snapshot::VT_ENTITIES, None)
-                }
-            }
-            /// Entity ids in the baseline that are no longer visible.
-            #[inline]
-            pub fn removed(&self) -> Option<::flatbuffers::Vector<'a, u32>> {
+            pub fn changes(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
                 // Safety:
                 // Created from valid Table for this object
                 // which contains a valid value in this slot
                 unsafe {
                     self._tab
-                        .get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u32>>>(
-                            Snapshot::VT_REMOVED,
+                        .get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(
+                            Snapshot::VT_CHANGES,
                             None,
                         )
                 }
@@ -3157,13 +3135,15 @@ pub mod tickshard {
                 pos: usize,
             ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
                 v.visit_table(pos)?
-     .visit_field::<u32>("tick", Self::VT_TICK, false)?
-     .visit_field::<u32>("baseline", Self::VT_BASELINE, false)?
-     .visit_field::<u32>("last_input", Self::VT_LAST_INPUT, false)?
-     .visit_field::<u32>("you", Self::VT_YOU, false)?
-     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, EntityState>>>("entities", Self::VT_ENTITIES, false)?
-     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u32>>>("removed", Self::VT_REMOVED, false)?
-     .finish();
+                    .visit_field::<u32>("tick", Self::VT_TICK, false)?
+                    .visit_field::<u32>("baseline", Self::VT_BASELINE, false)?
+                    .visit_field::<u32>("last_input", Self::VT_LAST_INPUT, false)?
+                    .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>(
+                        "changes",
+                        Self::VT_CHANGES,
+                        false,
+                    )?
+                    .finish();
                 Ok(())
             }
         }
@@ -3171,9 +3151,7 @@ pub mod tickshard {
             pub tick: u32,
             pub baseline: u32,
             pub last_input: u32,
-            pub you: u32,
-            pub entities: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, EntityState>>>,
-            pub removed: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u32>>>,
+            pub changes: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
         }
         impl<'a> Default for SnapshotArgs<'a> {
             #[inline]
@@ -3182,9 +3160,7 @@ pub mod tickshard {
                     tick: 0,
                     baseline: 0,
                     last_input: 0,
-                    you: 0,
-                    entities: None,
-                    removed: None,
+                    changes: None,
                 }
             }
         }
@@ -3209,26 +3185,12 @@ pub mod tickshard {
                     .push_slot::<u32>(Snapshot::VT_LAST_INPUT, last_input, 0);
             }
             #[inline]
-            pub fn add_you(&mut self, you: u32) {
-                self.fbb_.push_slot::<u32>(Snapshot::VT_YOU, you, 0);
-            }
-            #[inline]
-            pub fn add_entities(
+            pub fn add_changes(
                 &mut self,
-                entities: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b, EntityState>>,
-            ) {
-                self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(
-                    Snapshot::VT_ENTITIES,
-                    entities,
-                );
-            }
-            #[inline]
-            pub fn add_removed(
-                &mut self,
-                removed: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b, u32>>,
+                changes: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b, u8>>,
             ) {
                 self.fbb_
-                    .push_slot_always::<::flatbuffers::WIPOffset<_>>(Snapshot::VT_REMOVED, removed);
+                    .push_slot_always::<::flatbuffers::WIPOffset<_>>(Snapshot::VT_CHANGES, changes);
             }
             #[inline]
             pub fn new(
@@ -3253,9 +3215,7 @@ pub mod tickshard {
                 ds.field("tick", &self.tick());
                 ds.field("baseline", &self.baseline());
                 ds.field("last_input", &self.last_input());
-                ds.field("you", &self.you());
-                ds.field("entities", &self.entities());
-                ds.field("removed", &self.removed());
+                ds.field("changes", &self.changes());
                 ds.finish()
             }
         }
