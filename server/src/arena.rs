@@ -85,6 +85,9 @@ pub struct Arena {
     next_entity: u32,
     /// Entity indices per grid cell: players as `i`, projectiles as `PROJ_BIT | i`.
     grid: Vec<Vec<u32>>,
+    /// What each cell's entities look like on the wire, quantised once per step for every
+    /// viewer, with their world position for the view radius.
+    visible: Vec<Vec<(EntityState, f32, f32)>>,
     /// Standings of players who left, for the final result (one entry per leave).
     departed: Vec<Standing>,
 }
@@ -110,6 +113,7 @@ impl Arena {
             projectiles: Vec::new(),
             next_entity: 1,
             grid: vec![Vec::new(); GRID * GRID],
+            visible: vec![Vec::new(); GRID * GRID],
             departed: Vec::new(),
         }
     }
@@ -158,11 +162,43 @@ impl Arena {
         for c in &mut self.grid {
             c.clear();
         }
+        for c in &mut self.visible {
+            c.clear();
+        }
         for (i, p) in self.players.iter().enumerate() {
-            self.grid[Self::cell_of(p.x, p.y)].push(i as u32);
+            let cell = Self::cell_of(p.x, p.y);
+            self.grid[cell].push(i as u32);
+            let flags = if p.respawn_in > 0 { FLAG_DEAD } else { 0 };
+            let score = p.score.clamp(0, u16::MAX as i64) as u16;
+            let state = EntityState::new(
+                p.entity,
+                quantise(p.x),
+                quantise(p.y),
+                KIND_PLAYER,
+                (p.aim >> 8) as u8,
+                p.health,
+                flags,
+                score,
+                0,
+            );
+            self.visible[cell].push((state, p.x, p.y));
         }
         for (i, p) in self.projectiles.iter().enumerate() {
-            self.grid[Self::cell_of(p.x, p.y)].push(PROJ_BIT | i as u32);
+            let cell = Self::cell_of(p.x, p.y);
+            self.grid[cell].push(PROJ_BIT | i as u32);
+            let angle = (p.vy.atan2(p.vx) / std::f32::consts::TAU * 256.0) as i32 as u8;
+            let state = EntityState::new(
+                p.entity,
+                quantise(p.x),
+                quantise(p.y),
+                KIND_PROJECTILE,
+                angle,
+                0,
+                0,
+                0,
+                0,
+            );
+            self.visible[cell].push((state, p.x, p.y));
         }
     }
 }
@@ -348,45 +384,7 @@ impl Game for Arena {
         let hi = |c: f32| ((((c + VIEW_RADIUS) / CELL).floor()) as usize).min(GRID - 1);
         for cy in lo(v.y)..=hi(v.y) {
             for cx in lo(v.x)..=hi(v.x) {
-                for &e in &self.grid[cy * GRID + cx] {
-                    let (state, x, y) = if e & PROJ_BIT != 0 {
-                        let p = &self.projectiles[(e & !PROJ_BIT) as usize];
-                        let angle = (p.vy.atan2(p.vx) / std::f32::consts::TAU * 256.0) as i32 as u8;
-                        (
-                            EntityState::new(
-                                p.entity,
-                                quantise(p.x),
-                                quantise(p.y),
-                                KIND_PROJECTILE,
-                                angle,
-                                0,
-                                0,
-                                0,
-                                0,
-                            ),
-                            p.x,
-                            p.y,
-                        )
-                    } else {
-                        let p = &self.players[e as usize];
-                        let flags = if p.respawn_in > 0 { FLAG_DEAD } else { 0 };
-                        let score = p.score.clamp(0, u16::MAX as i64) as u16;
-                        (
-                            EntityState::new(
-                                p.entity,
-                                quantise(p.x),
-                                quantise(p.y),
-                                KIND_PLAYER,
-                                (p.aim >> 8) as u8,
-                                p.health,
-                                flags,
-                                score,
-                                0,
-                            ),
-                            p.x,
-                            p.y,
-                        )
-                    };
+                for &(state, x, y) in &self.visible[cy * GRID + cx] {
                     let d2 = (x - v.x).powi(2) + (y - v.y).powi(2);
                     if d2 > r2 {
                         continue;
