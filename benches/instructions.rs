@@ -90,6 +90,12 @@ fn scenario() -> Figures {
             a
         })
     };
+    let history: usize = net.shards.iter().map(|s| s.history_bytes()).sum();
+    println!(
+        "snapshot history / player {} bytes (quinn Connection struct {} bytes)",
+        history / CLIENTS,
+        std::mem::size_of::<quinn_proto::Connection>()
+    );
     let before = sum(&net);
     let started = Instant::now();
     net.measure = true;

@@ -387,4 +387,30 @@ mod tests {
             "9 removals in 0 bytes"
         );
     }
+
+    /// The bytes PROTOCOL.md shows (§7 and the worked example).
+    #[test]
+    fn documented_examples() {
+        let at = |x, y, angle| EntityState::new(1, x, y, 0, angle, 100, 0, 0, 0);
+        let bytes = |base: &[EntityState], e: EntityState| {
+            let mut out = Vec::new();
+            encode_changes(base, &[], &[e], &mut out);
+            out
+        };
+        assert_eq!(
+            bytes(&[at(8000, 4000, 0)], at(8085, 3915, 9)),
+            [0x00, 0x01, 0x0b, 0xaa, 0x01, 0xa9, 0x01, 0x09]
+        );
+        assert_eq!(
+            bytes(&[], at(8000, 4000, 0)),
+            [0x00, 0x01, 0x13, 0x80, 0x7d, 0xc0, 0x3e, 0x64]
+        );
+        assert_eq!(
+            bytes(&[at(8000, 4000, 0)], at(8085, 4000, 0)),
+            [0x00, 0x01, 0x01, 0xaa, 0x01]
+        );
+        let mut nothing = Vec::new();
+        encode_changes(&[at(1, 1, 1)], &[], &[], &mut nothing);
+        assert_eq!(nothing, [0x00]);
+    }
 }
