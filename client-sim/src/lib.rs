@@ -166,6 +166,10 @@ fn transport(tick_period: Duration) -> TransportConfig {
         .ack_eliciting_threshold(VarInt::from_u32(3))
         .max_ack_delay_above_rtt(true);
     transport
+        // The server opens no streams: a stream budget for it would only cost memory (quinn
+        // prepares state for every stream the peer may open).
+        .max_concurrent_bidi_streams(VarInt::from_u32(0))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
         .keep_alive_interval(Some(Duration::from_secs(2)))
         .max_idle_timeout(Some(VarInt::from_u32(10_000).into()))
         .datagram_receive_buffer_size(Some(256 * 1024))

@@ -172,7 +172,9 @@ pub struct ShardCore {
     config: ShardConfig,
     modes: Vec<Rc<ModeSpec>>,
     endpoint: Endpoint,
-    conns: Vec<Option<Conn>>,
+    /// Connections by quinn's handle. Boxed: a `Conn` is over 6 KB (quinn's `Connection`), and
+    /// a slab of them inline would reserve up to twice the live connections' memory as it grows.
+    conns: Vec<Option<Box<Conn>>>,
     next_serial: u64,
     players: HashMap<PlayerId, usize>,
     next_player: u64,
@@ -715,7 +717,7 @@ impl ShardCore {
         let player = PlayerId::new(self.config.shard, self.next_player);
         self.next_player += 1;
         self.next_serial += 1;
-        self.conns[ch.0] = Some(Conn {
+        self.conns[ch.0] = Some(Box::new(Conn {
             serial: self.next_serial,
             conn,
             timer: None,
@@ -733,7 +735,7 @@ impl ShardCore {
                 refilled: now,
                 malformed: 0,
             },
-        });
+        }));
     }
 
     fn mark_dirty(&mut self, ch: usize) {

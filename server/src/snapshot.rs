@@ -1,11 +1,14 @@
 //! Per-viewer snapshots: area of interest, delta against the acknowledged baseline, priority.
 //!
-//! The server remembers, for each viewer, what the client holds after each of the last
-//! [`HISTORY`] snapshots (the baseline state plus what was sent, minus what was removed). A
-//! client acknowledges the newest snapshot it received in every input; the next snapshot is a
-//! delta against that one: only entities that are new or changed, and the ids of entities that
-//! left the view. Without a usable acknowledgement (none yet, too old, or a tick never sent)
-//! the snapshot is a full one (baseline 0).
+//! The server remembers, for each viewer, what the client holds after each snapshot since the
+//! one it acknowledged (the baseline state plus what was sent, minus what was removed), at most
+//! [`HISTORY`] of them. A client acknowledges the newest snapshot it received in every input;
+//! the next snapshot is a delta against that one: only entities that are new or changed, and
+//! the ids of entities that left the view. Acknowledgements only move forward, so a snapshot
+//! older than the acknowledged one can never be a baseline again and is forgotten: a viewer
+//! holds about a round trip of snapshots (2-4 on a LAN, 8-10 at 200 ms), not always 16. Without
+//! a usable acknowledgement (none yet, too old, or a tick never sent) the snapshot is a full
+//! one (baseline 0).
 //!
 //! Each entity is sent as a packed record of only the fields that changed, positions as the
 //! difference from the baseline ([`tickshard_schema::changes`], PROTOCOL.md "Entity changes").
@@ -21,7 +24,7 @@ use crate::game::ViewEntity;
 use tickshard_schema::changes::{count_bound, encode_changes, record_bound, removal_bound};
 use tickshard_schema::{EntityState, SnapshotWriter, ENTITY_STATE_SIZE, SNAPSHOT_OVERHEAD};
 
-/// How many past snapshots a viewer's history keeps. At 30 Hz, 16 ticks is 533 ms: an
+/// Most past snapshots a viewer's history keeps. At 30 Hz, 16 ticks is 533 ms: an
 /// acknowledgement older than that (a round trip beyond half a second) gets a full snapshot.
 pub const HISTORY: usize = 16;
 
@@ -35,13 +38,16 @@ struct Entry {
 /// What one viewer's client holds, snapshot by snapshot.
 #[derive(Default)]
 pub struct ViewerHistory {
-    entries: Vec<Entry>,
+    /// Snapshots from the acknowledged one on, oldest first (ticks ascending).
+    entries: std::collections::VecDeque<Entry>,
     // Scratch buffers, kept to avoid allocating per tick.
     sent: Vec<EntityState>,
     removed: Vec<u32>,
     ids: Vec<u32>,
     merged: Vec<EntityState>,
     packed: Vec<u8>,
+    /// The buffer of the last forgotten snapshot, for the next one (no allocation per tick).
+    spare: Option<Vec<EntityState>>,
 }
 
 /// Figures of one built snapshot.
@@ -58,17 +64,28 @@ pub struct BuiltSnapshot {
 }
 
 impl ViewerHistory {
-    fn slot(tick: u32) -> usize {
-        tick as usize % HISTORY
-    }
-
     /// Bytes of entity state held (for memory accounting).
     pub fn held_bytes(&self) -> usize {
         self.entries
             .iter()
             .map(|e| e.state.capacity() * ENTITY_STATE_SIZE)
             .sum::<usize>()
-            + (self.sent.capacity() + self.merged.capacity()) * ENTITY_STATE_SIZE
+            + (self.sent.capacity()
+                + self.merged.capacity()
+                + self.spare.as_ref().map_or(0, Vec::capacity))
+                * ENTITY_STATE_SIZE
+    }
+
+    /// Forgets the oldest snapshot, keeping its buffer for the next.
+    fn recycle_front(&mut self) {
+        if let Some(e) = self.entries.pop_front() {
+            self.spare = Some(e.state);
+        }
+    }
+
+    /// Snapshots held (for tests and accounting).
+    pub fn held(&self) -> usize {
+        self.entries.len()
     }
 
     /// Builds the snapshot of `tick` for a viewer whose client acknowledged `ack`.
@@ -84,20 +101,20 @@ impl ViewerHistory {
         max_bytes: usize,
         writer: &'w mut SnapshotWriter,
     ) -> (&'w [u8], BuiltSnapshot) {
-        if self.entries.is_empty() {
-            self.entries.resize_with(HISTORY, Entry::default);
-        }
-        // A usable baseline: sent by us (still in the ring) and strictly older than this tick.
-        let base_slot = Self::slot(ack);
-        let baseline = if ack != 0
-            && ack < tick
-            && tick - ack < HISTORY as u32
-            && self.entries[base_slot].tick == ack
-        {
-            ack
+        // A usable baseline: sent by us (still held) and strictly older than this tick.
+        let base_at = if ack != 0 && ack < tick && tick - ack < HISTORY as u32 {
+            self.entries.iter().position(|e| e.tick == ack)
         } else {
-            0
+            None
         };
+        let baseline = if base_at.is_some() { ack } else { 0 };
+        // Older snapshots can never be a baseline again (acknowledgements only move forward).
+        let base_at = base_at.map(|i| {
+            for _ in 0..i {
+                self.recycle_front();
+            }
+            0
+        });
 
         view.sort_unstable_by_key(|v| (v.priority, v.state.id()));
         self.ids.clear();
@@ -106,8 +123,8 @@ impl ViewerHistory {
 
         // Removals: in the baseline, not in view.
         self.removed.clear();
-        if baseline != 0 {
-            for e in &self.entries[base_slot].state {
+        if let Some(b) = base_at {
+            for e in &self.entries[b].state {
                 if self.ids.binary_search(&e.id()).is_err() {
                     self.removed.push(e.id());
                 }
@@ -130,10 +147,9 @@ impl ViewerHistory {
         // Changes, in priority order, while they fit.
         self.sent.clear();
         let mut deferred = 0;
-        let base_state: &[EntityState] = if baseline != 0 {
-            &self.entries[base_slot].state
-        } else {
-            &[]
+        let base_state: &[EntityState] = match base_at {
+            Some(b) => &self.entries[b].state,
+            None => &[],
         };
         for v in view.iter() {
             let base = base_state
@@ -159,10 +175,10 @@ impl ViewerHistory {
 
         // Record what the client will hold: baseline - removed, then upsert what was sent.
         self.merged.clear();
-        if baseline != 0 {
+        if let Some(b) = base_at {
             let removed = &self.removed;
             self.merged.extend(
-                self.entries[base_slot]
+                self.entries[b]
                     .state
                     .iter()
                     .filter(|e| !removed.contains(&e.id())),
@@ -174,9 +190,14 @@ impl ViewerHistory {
                 Err(i) => self.merged.insert(i, *s),
             }
         }
-        let slot = Self::slot(tick);
-        self.entries[slot].tick = tick;
-        std::mem::swap(&mut self.entries[slot].state, &mut self.merged);
+        // Without an acknowledgement any held snapshot may still become the baseline: keep the
+        // newest HISTORY - 1 and this one.
+        while self.entries.len() >= HISTORY {
+            self.recycle_front();
+        }
+        let mut state = self.spare.take().unwrap_or_default();
+        std::mem::swap(&mut state, &mut self.merged);
+        self.entries.push_back(Entry { tick, state });
         let built = BuiltSnapshot {
             baseline,
             entities: self.sent.len(),
@@ -267,5 +288,29 @@ mod tests {
             let (_, b) = h.build(tick, ack, 0, &mut view, 1200, &mut w);
             assert_eq!(b.baseline, 0, "tick {tick} ack {ack}");
         }
+    }
+
+    #[test]
+    fn history_keeps_snapshots_from_the_acknowledged_one_on() {
+        let mut h = ViewerHistory::default();
+        let mut w = SnapshotWriter::default();
+        let mut view = vec![ent(1, 1), ent(2, 2)];
+        // A client two ticks behind: the server holds the acknowledged snapshot and the two
+        // since, never more.
+        for tick in 1..=40u32 {
+            let ack = tick.saturating_sub(2);
+            let (_, b) = h.build(tick, ack, 0, &mut view, 1200, &mut w);
+            assert_eq!(b.baseline, if tick > 2 { ack } else { 0 }, "tick {tick}");
+            assert!(h.held() <= 3, "tick {tick}: {} held", h.held());
+        }
+        // A client that never acknowledges: at most HISTORY snapshots.
+        let mut h = ViewerHistory::default();
+        for tick in 1..=40u32 {
+            h.build(tick, 0, 0, &mut view, 1200, &mut w);
+        }
+        assert_eq!(h.held(), HISTORY);
+        // Its first acknowledgement, of a snapshot still held, gives a delta.
+        let (_, b) = h.build(41, 30, 0, &mut view, 1200, &mut w);
+        assert_eq!((b.baseline, h.held()), (30, 12));
     }
 }
