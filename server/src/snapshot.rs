@@ -43,7 +43,8 @@ pub struct ViewerHistory {
     // Scratch buffers, kept to avoid allocating per tick.
     sent: Vec<EntityState>,
     removed: Vec<u32>,
-    ids: Vec<u32>,
+    /// Changed entities of this tick: (index in the view, record size bound).
+    changed: Vec<(u32, u32)>,
     merged: Vec<EntityState>,
     packed: Vec<u8>,
     /// The buffer of the last forgotten snapshot, for the next one (no allocation per tick).
@@ -90,7 +91,8 @@ impl ViewerHistory {
 
     /// Builds the snapshot of `tick` for a viewer whose client acknowledged `ack`.
     ///
-    /// `view` is what the viewer can see now (any order; it is sorted here by priority).
+    /// `view` is what the viewer can see now (any order; it is sorted here by id, and by
+    /// priority only when the changes do not fit).
     /// The encoded datagram is left in `writer`'s buffer and returned with its figures.
     pub fn build<'w>(
         &mut self,
@@ -116,20 +118,41 @@ impl ViewerHistory {
             0
         });
 
-        view.sort_unstable_by_key(|v| (v.priority, v.state.id()));
-        self.ids.clear();
-        self.ids.extend(view.iter().map(|v| v.state.id()));
-        self.ids.sort_unstable();
+        // Everything below walks the view and the baseline side by side in id order: one sort,
+        // no searches. Priority matters only when the changes do not all fit.
+        view.sort_unstable_by_key(|v| v.state.id());
+        let base_state: &[EntityState] = match base_at {
+            Some(b) => &self.entries[b].state,
+            None => &[],
+        };
 
-        // Removals: in the baseline, not in view.
+        // Removals (in the baseline, not in view) and changes (new, or not as in the baseline).
         self.removed.clear();
-        if let Some(b) = base_at {
-            for e in &self.entries[b].state {
-                if self.ids.binary_search(&e.id()).is_err() {
-                    self.removed.push(e.id());
+        self.changed.clear();
+        let (mut i, mut j) = (0, 0);
+        while i < view.len() || j < base_state.len() {
+            match (view.get(i), base_state.get(j)) {
+                (Some(v), Some(b)) if v.state.id() == b.id() => {
+                    if v.state != *b {
+                        let bound = record_bound(Some(b), &v.state) as u32;
+                        self.changed.push((i as u32, bound));
+                    }
+                    i += 1;
+                    j += 1;
                 }
+                (Some(v), b) if b.is_none_or(|b| v.state.id() < b.id()) => {
+                    let bound = record_bound(None, &v.state) as u32;
+                    self.changed.push((i as u32, bound));
+                    i += 1;
+                }
+                (_, Some(b)) => {
+                    self.removed.push(b.id());
+                    j += 1;
+                }
+                (_, None) => break,
             }
         }
+
         let mut budget = max_bytes.saturating_sub(SNAPSHOT_OVERHEAD);
         // The removal count's varint is planned for the most removals there can be.
         budget = budget.saturating_sub(count_bound(self.removed.len()));
@@ -144,52 +167,58 @@ impl ViewerHistory {
         }
         self.removed.truncate(kept);
 
-        // Changes, in priority order, while they fit.
-        self.sent.clear();
+        // Changes: all of them when they fit (the usual case), else in priority order while
+        // they fit; what is left is deferred.
+        let total: usize = self.changed.iter().map(|&(_, b)| b as usize).sum();
         let mut deferred = 0;
-        let base_state: &[EntityState] = match base_at {
-            Some(b) => &self.entries[b].state,
-            None => &[],
-        };
-        for v in view.iter() {
-            let base = base_state
-                .binary_search_by_key(&v.state.id(), |e| e.id())
-                .ok()
-                .map(|i| &base_state[i]);
-            if base == Some(&v.state) {
-                continue;
+        if total > budget {
+            self.changed.sort_unstable_by_key(|&(vi, _)| {
+                let v = &view[vi as usize];
+                (v.priority, v.state.id())
+            });
+            let mut keep = 0;
+            for k in 0..self.changed.len() {
+                let (vi, bound) = self.changed[k];
+                if bound as usize > budget {
+                    deferred += 1;
+                    continue;
+                }
+                budget -= bound as usize;
+                self.changed[keep] = (vi, bound);
+                keep += 1;
             }
-            let need = record_bound(base, &v.state);
-            if need > budget {
-                deferred += 1;
-                continue;
-            }
-            budget -= need;
-            self.sent.push(v.state);
+            self.changed.truncate(keep);
+            // Back in id order (the view is sorted by id).
+            self.changed.sort_unstable_by_key(|&(vi, _)| vi);
         }
-        // Records go in id order (ids are sent as gaps).
-        self.sent.sort_unstable_by_key(|e| e.id());
+        self.sent.clear();
+        self.sent
+            .extend(self.changed.iter().map(|&(vi, _)| view[vi as usize].state));
         self.packed.clear();
         encode_changes(base_state, &self.removed, &self.sent, &mut self.packed);
         let bytes = writer.encode(tick, baseline, last_input, &self.packed);
 
-        // Record what the client will hold: baseline - removed, then upsert what was sent.
+        // Record what the client will hold: the baseline without the removals sent, with what
+        // was sent upserted; all three lists ascend by id.
         self.merged.clear();
-        if let Some(b) = base_at {
-            let removed = &self.removed;
-            self.merged.extend(
-                self.entries[b]
-                    .state
-                    .iter()
-                    .filter(|e| !removed.contains(&e.id())),
-            );
-        }
-        for s in &self.sent {
-            match self.merged.binary_search_by_key(&s.id(), |e| e.id()) {
-                Ok(i) => self.merged[i] = *s,
-                Err(i) => self.merged.insert(i, *s),
+        let (mut r, mut s) = (0, 0);
+        for b in base_state {
+            while s < self.sent.len() && self.sent[s].id() < b.id() {
+                self.merged.push(self.sent[s]);
+                s += 1;
+            }
+            if self.removed.get(r) == Some(&b.id()) {
+                r += 1;
+                continue;
+            }
+            if s < self.sent.len() && self.sent[s].id() == b.id() {
+                self.merged.push(self.sent[s]);
+                s += 1;
+            } else {
+                self.merged.push(*b);
             }
         }
+        self.merged.extend_from_slice(&self.sent[s..]);
         // Without an acknowledgement any held snapshot may still become the baseline: keep the
         // newest HISTORY - 1 and this one.
         while self.entries.len() >= HISTORY {
