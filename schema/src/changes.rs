@@ -143,6 +143,23 @@ pub fn encode_changes(
     changed: &[EntityState],
     out: &mut Vec<u8>,
 ) {
+    encode_removals(removed, out);
+    let mut prev = 0u32;
+    let mut bi = 0;
+    for e in changed {
+        // Both lists ascend: walk the baseline alongside.
+        while bi < baseline.len() && baseline[bi].id() < e.id() {
+            bi += 1;
+        }
+        let base = baseline.get(bi).filter(|b| b.id() == e.id());
+        encode_record(prev, base, e, out);
+        prev = e.id();
+    }
+}
+
+/// Appends the removal list (count, then id gaps; `removed` ascending) to `out`: the start of
+/// every `changes`.
+pub fn encode_removals(removed: &[u32], out: &mut Vec<u8>) {
     put_varint(out, removed.len() as u32);
     let mut prev = 0u32;
     for &id in removed {
@@ -150,46 +167,46 @@ pub fn encode_changes(
         put_varint(out, id - prev);
         prev = id;
     }
-    let mut prev = 0u32;
-    let mut bi = 0;
+}
+
+/// Appends the record of `e` against `base` (`None`: new to the client) to `out`, after a
+/// record of id `prev` (0 for the first), and returns its length. Records follow the removals
+/// in ascending id order.
+pub fn encode_record(
+    prev: u32,
+    base: Option<&EntityState>,
+    e: &EntityState,
+    out: &mut Vec<u8>,
+) -> usize {
+    debug_assert!(prev == 0 || e.id() > prev, "records ascend");
     let z = zero();
-    for e in changed {
-        debug_assert!(prev == 0 || e.id() > prev, "records ascend");
-        // Both lists ascend: walk the baseline alongside.
-        while bi < baseline.len() && baseline[bi].id() < e.id() {
-            bi += 1;
-        }
-        let base = match baseline.get(bi) {
-            Some(b) if b.id() == e.id() => b,
-            _ => &z,
-        };
-        let m = mask(base, e);
-        let mut rec = [0u8; RECORD_MAX];
-        let mut n = 0;
-        put_varint_at(&mut rec, &mut n, e.id() - prev);
-        prev = e.id();
-        rec[n] = m;
-        n += 1;
-        if m & X != 0 {
-            put_varint_at(&mut rec, &mut n, delta(e.x(), base.x()));
-        }
-        if m & Y != 0 {
-            put_varint_at(&mut rec, &mut n, delta(e.y(), base.y()));
-        }
-        for (bit, at) in [(KIND, 8), (ANGLE, 9), (HEALTH, 10), (FLAGS, 11)] {
-            if m & bit != 0 {
-                rec[n] = e.0[at];
-                n += 1;
-            }
-        }
-        if m & VALUE != 0 {
-            put_varint_at(&mut rec, &mut n, e.value() as u32);
-        }
-        if m & RESERVED != 0 {
-            put_varint_at(&mut rec, &mut n, e.reserved() as u32);
-        }
-        out.extend_from_slice(&rec[..n]);
+    let base = base.unwrap_or(&z);
+    let m = mask(base, e);
+    let mut rec = [0u8; RECORD_MAX];
+    let mut n = 0;
+    put_varint_at(&mut rec, &mut n, e.id() - prev);
+    rec[n] = m;
+    n += 1;
+    if m & X != 0 {
+        put_varint_at(&mut rec, &mut n, delta(e.x(), base.x()));
     }
+    if m & Y != 0 {
+        put_varint_at(&mut rec, &mut n, delta(e.y(), base.y()));
+    }
+    for (bit, at) in [(KIND, 8), (ANGLE, 9), (HEALTH, 10), (FLAGS, 11)] {
+        if m & bit != 0 {
+            rec[n] = e.0[at];
+            n += 1;
+        }
+    }
+    if m & VALUE != 0 {
+        put_varint_at(&mut rec, &mut n, e.value() as u32);
+    }
+    if m & RESERVED != 0 {
+        put_varint_at(&mut rec, &mut n, e.reserved() as u32);
+    }
+    out.extend_from_slice(&rec[..n]);
+    n
 }
 
 struct Reader<'a> {

@@ -21,7 +21,9 @@
 //! the viewer's history has warmed up.
 
 use crate::game::ViewEntity;
-use tickshard_schema::changes::{count_bound, encode_changes, record_bound, removal_bound};
+use tickshard_schema::changes::{
+    count_bound, encode_changes, encode_record, encode_removals, record_bound, removal_bound,
+};
 use tickshard_schema::{EntityState, SnapshotWriter, ENTITY_STATE_SIZE, SNAPSHOT_OVERHEAD};
 
 /// Most past snapshots a viewer's history keeps. At 30 Hz, 16 ticks is 533 ms: an
@@ -43,8 +45,10 @@ pub struct ViewerHistory {
     // Scratch buffers, kept to avoid allocating per tick.
     sent: Vec<EntityState>,
     removed: Vec<u32>,
-    /// Changed entities of this tick: (index in the view, record size bound).
-    changed: Vec<(u32, u32)>,
+    /// Changed entities of this tick: (index in the view, whether the baseline has it).
+    changed: Vec<(u32, bool)>,
+    /// Their records, encoded in id order.
+    records: Vec<u8>,
     merged: Vec<EntityState>,
     packed: Vec<u8>,
     /// The buffer of the last forgotten snapshot, for the next one (no allocation per tick).
@@ -126,76 +130,105 @@ impl ViewerHistory {
             None => &[],
         };
 
-        // Removals (in the baseline, not in view) and changes (new, or not as in the baseline).
+        // Removals (in the baseline, not in view) and changes (new, or not as in the baseline),
+        // each change encoded at once: in id order its record is final unless the changes
+        // turn out not to fit.
         self.removed.clear();
         self.changed.clear();
+        self.records.clear();
+        let mut prev = 0;
         let (mut i, mut j) = (0, 0);
         while i < view.len() || j < base_state.len() {
-            match (view.get(i), base_state.get(j)) {
+            let (v, b) = (view.get(i), base_state.get(j));
+            let base = match (v, b) {
                 (Some(v), Some(b)) if v.state.id() == b.id() => {
-                    if v.state != *b {
-                        let bound = record_bound(Some(b), &v.state) as u32;
-                        self.changed.push((i as u32, bound));
-                    }
                     i += 1;
                     j += 1;
+                    if v.state == *b {
+                        continue;
+                    }
+                    Some(b)
                 }
                 (Some(v), b) if b.is_none_or(|b| v.state.id() < b.id()) => {
-                    let bound = record_bound(None, &v.state) as u32;
-                    self.changed.push((i as u32, bound));
                     i += 1;
+                    None
                 }
                 (_, Some(b)) => {
                     self.removed.push(b.id());
                     j += 1;
+                    continue;
                 }
                 (_, None) => break,
-            }
+            };
+            let e = &view[i - 1].state;
+            encode_record(prev, base, e, &mut self.records);
+            prev = e.id();
+            self.changed.push(((i - 1) as u32, base.is_some()));
         }
 
-        let mut budget = max_bytes.saturating_sub(SNAPSHOT_OVERHEAD);
-        // The removal count's varint is planned for the most removals there can be.
-        budget = budget.saturating_sub(count_bound(self.removed.len()));
-        let mut kept = 0;
-        for &id in &self.removed {
-            let need = removal_bound(id);
-            if need > budget {
-                break;
-            }
-            budget -= need;
-            kept += 1;
-        }
-        self.removed.truncate(kept);
-
-        // Changes: all of them when they fit (the usual case), else in priority order while
-        // they fit; what is left is deferred.
-        let total: usize = self.changed.iter().map(|&(_, b)| b as usize).sum();
+        let cap = max_bytes.saturating_sub(SNAPSHOT_OVERHEAD);
+        let removal_bytes = count_bound(self.removed.len())
+            + self
+                .removed
+                .iter()
+                .map(|&id| removal_bound(id))
+                .sum::<usize>();
         let mut deferred = 0;
-        if total > budget {
+        self.packed.clear();
+        if removal_bytes + self.records.len() <= cap {
+            // Everything fits (the usual case): removals, then the records as encoded.
+            encode_removals(&self.removed, &mut self.packed);
+            self.packed.extend_from_slice(&self.records);
+            self.sent.clear();
+            self.sent
+                .extend(self.changed.iter().map(|&(vi, _)| view[vi as usize].state));
+        } else {
+            // Over budget: removals first while they fit, then changes in priority order,
+            // planned with each record's size bound; the rest is deferred.
+            let mut budget = cap.saturating_sub(count_bound(self.removed.len()));
+            let mut kept = 0;
+            for &id in &self.removed {
+                let need = removal_bound(id);
+                if need > budget {
+                    break;
+                }
+                budget -= need;
+                kept += 1;
+            }
+            self.removed.truncate(kept);
             self.changed.sort_unstable_by_key(|&(vi, _)| {
                 let v = &view[vi as usize];
                 (v.priority, v.state.id())
             });
             let mut keep = 0;
             for k in 0..self.changed.len() {
-                let (vi, bound) = self.changed[k];
-                if bound as usize > budget {
+                let (vi, has_base) = self.changed[k];
+                let e = &view[vi as usize].state;
+                let base = if has_base {
+                    base_state
+                        .binary_search_by_key(&e.id(), |b| b.id())
+                        .ok()
+                        .map(|x| &base_state[x])
+                } else {
+                    None
+                };
+                let need = record_bound(base, e);
+                if need > budget {
                     deferred += 1;
                     continue;
                 }
-                budget -= bound as usize;
-                self.changed[keep] = (vi, bound);
+                budget -= need;
+                self.changed[keep] = (vi, has_base);
                 keep += 1;
             }
             self.changed.truncate(keep);
             // Back in id order (the view is sorted by id).
             self.changed.sort_unstable_by_key(|&(vi, _)| vi);
+            self.sent.clear();
+            self.sent
+                .extend(self.changed.iter().map(|&(vi, _)| view[vi as usize].state));
+            encode_changes(base_state, &self.removed, &self.sent, &mut self.packed);
         }
-        self.sent.clear();
-        self.sent
-            .extend(self.changed.iter().map(|&(vi, _)| view[vi as usize].state));
-        self.packed.clear();
-        encode_changes(base_state, &self.removed, &self.sent, &mut self.packed);
         let bytes = writer.encode(tick, baseline, last_input, &self.packed);
 
         // Record what the client will hold: the baseline without the removals sent, with what
