@@ -63,7 +63,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tickshard_schema::{
-    changes::apply_changes, codes, decode_snapshot, ControlMsg, EntityState, FrameDecoder,
+    changes::apply_changes_to, codes, decode_snapshot, ControlMsg, EntityState, FrameDecoder,
     InputCmd, InputDatagram, LeaveReason, MAX_INPUT_REDUNDANCY, PROTOCOL_VERSION,
 };
 
@@ -834,21 +834,21 @@ impl Client {
         // snapshot once the history is full.
         let baseline = s.baseline();
         let mut state = std::mem::take(&mut self.spare);
-        state.clear();
-        if baseline != 0 {
+        let base: &[EntityState] = if baseline == 0 {
+            &[]
+        } else {
             match self.history.iter().find(|(t, _)| *t == baseline) {
-                Some((_, st)) => state.extend_from_slice(st),
+                Some((_, st)) => st,
                 None => {
                     self.stats.decode_errors += 1;
                     self.spare = state;
                     return;
                 }
             }
-        }
-        let applied = s
-            .changes()
-            .map_or(Ok(()), |c| apply_changes(c.bytes(), &mut state));
-        if applied.is_err() {
+        };
+        // No changes vector: nothing changed (no removals, no records).
+        let changes = s.changes().map_or(&[0u8][..], |c| c.bytes());
+        if apply_changes_to(changes, base, &mut state).is_err() {
             self.stats.decode_errors += 1;
             self.spare = state;
             return;

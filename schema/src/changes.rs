@@ -258,32 +258,78 @@ fn next_id(prev: Option<u32>, gap: u32) -> Result<u32, DecodeError> {
 }
 
 /// Applies `changes` to `state`, the client's state at the snapshot's baseline (sorted by id;
-/// empty for a full snapshot): removals, then each record against the entity's state there (or
-/// all zero when new). On an error `state` is partly updated: discard it.
+/// empty for a full snapshot). On an error `state` is partly updated: discard it.
 pub fn apply_changes(changes: &[u8], state: &mut Vec<EntityState>) -> Result<(), DecodeError> {
+    let baseline = std::mem::take(state);
+    apply_changes_to(changes, &baseline, state)
+}
+
+/// Writes into `out` the state after `changes`: `baseline` (the client's state at the
+/// snapshot's baseline, sorted by id; empty for a full snapshot) without the removals, with
+/// each record applied to the entity's state there (or to all zeros when new), sorted by id.
+/// One merge of the two ascending lists: no searching or shifting. On an error `out` holds
+/// part of the result: discard it.
+pub fn apply_changes_to(
+    changes: &[u8],
+    baseline: &[EntityState],
+    out: &mut Vec<EntityState>,
+) -> Result<(), DecodeError> {
+    out.clear();
     let mut r = Reader { buf: changes };
     let count = r.varint()? as usize;
     if count > r.buf.len() {
         return Err(DecodeError::Field("changes: more removals than bytes"));
     }
+    // Check the removals now; walk them again, lazily, alongside the baseline.
+    let removals = r.buf;
     let mut prev = None;
     for _ in 0..count {
-        let id = next_id(prev, r.varint()?)?;
-        prev = Some(id);
-        if let Ok(i) = state.binary_search_by_key(&id, |e| e.id()) {
-            state.remove(i);
-        }
+        prev = Some(next_id(prev, r.varint()?)?);
     }
+    let mut rem = Reader {
+        buf: &removals[..removals.len() - r.buf.len()],
+    };
+    let mut rem_left = count;
+    let mut rem_prev = None;
+    let mut next_removal = move || -> Option<u32> {
+        if rem_left == 0 {
+            return None;
+        }
+        rem_left -= 1;
+        // Verified above: neither read nor sum can fail.
+        let id = next_id(rem_prev, rem.varint().ok()?).ok()?;
+        rem_prev = Some(id);
+        Some(id)
+    };
+    let mut removal = next_removal();
+    let mut bi = 0;
+    // Baseline entries below `id` that stay, in order; returns the entry with `id` if it stays.
+    let mut keep_below =
+        |id: u64, out: &mut Vec<EntityState>, removal: &mut Option<u32>| -> Option<EntityState> {
+            while let Some(b) = baseline.get(bi) {
+                if b.id() as u64 > id {
+                    break;
+                }
+                bi += 1;
+                while removal.is_some_and(|r| r < b.id()) {
+                    *removal = next_removal();
+                }
+                if *removal == Some(b.id()) {
+                    continue;
+                }
+                if b.id() as u64 == id {
+                    return Some(*b);
+                }
+                out.push(*b);
+            }
+            None
+        };
     let mut prev = None;
     while !r.buf.is_empty() {
         let id = next_id(prev, r.varint()?)?;
         prev = Some(id);
         let m = r.byte()?;
-        let (i, found) = match state.binary_search_by_key(&id, |e| e.id()) {
-            Ok(i) => (i, true),
-            Err(i) => (i, false),
-        };
-        let b = if found { state[i] } else { zero() };
+        let b = keep_below(id as u64, out, &mut removal).unwrap_or_else(zero);
         let x = if m & X != 0 { r.pos(b.x())? } else { b.x() };
         let y = if m & Y != 0 { r.pos(b.y())? } else { b.y() };
         let mut byte = |bit: u8, v: u8| if m & bit != 0 { r.byte() } else { Ok(v) };
@@ -297,13 +343,11 @@ pub fn apply_changes(changes: &[u8], state: &mut Vec<EntityState>) -> Result<(),
         } else {
             b.reserved()
         };
-        let e = EntityState::new(id, x, y, kind, angle, health, flags, value, reserved);
-        if found {
-            state[i] = e;
-        } else {
-            state.insert(i, e);
-        }
+        out.push(EntityState::new(
+            id, x, y, kind, angle, health, flags, value, reserved,
+        ));
     }
+    keep_below(u64::MAX, out, &mut removal);
     Ok(())
 }
 
@@ -429,5 +473,74 @@ mod tests {
         let mut nothing = Vec::new();
         encode_changes(&[at(1, 1, 1)], &[], &[], &mut nothing);
         assert_eq!(nothing, [0x00]);
+    }
+
+    /// The merge gives what removing, then upserting one by one gives, for many random
+    /// baselines and deltas (a seeded generator: the same cases every run).
+    #[test]
+    fn merge_matches_remove_then_upsert() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u32| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as u32) % n.max(1)
+        };
+        for _ in 0..500 {
+            let mut ids: Vec<u32> = (0..next(30)).map(|_| 1 + next(60)).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            let base: Vec<EntityState> = ids
+                .iter()
+                .map(|&id| {
+                    EntityState::new(
+                        id,
+                        next(16000) as u16,
+                        next(16000) as u16,
+                        0,
+                        0,
+                        100,
+                        0,
+                        0,
+                        0,
+                    )
+                })
+                .collect();
+            let mut removed: Vec<u32> = ids.iter().copied().filter(|_| next(4) == 0).collect();
+            removed.dedup();
+            let mut cids: Vec<u32> = (0..next(20)).map(|_| 1 + next(70)).collect();
+            cids.sort_unstable();
+            cids.dedup();
+            cids.retain(|id| !removed.contains(id));
+            let changed: Vec<EntityState> = cids
+                .iter()
+                .map(|&id| {
+                    EntityState::new(
+                        id,
+                        next(16000) as u16,
+                        next(9) as u16,
+                        next(2) as u8,
+                        next(256) as u8,
+                        100,
+                        0,
+                        next(3) as u16,
+                        0,
+                    )
+                })
+                .collect();
+            let mut packed = Vec::new();
+            encode_changes(&base, &removed, &changed, &mut packed);
+            let mut want = base.clone();
+            want.retain(|e| !removed.contains(&e.id()));
+            for c in &changed {
+                match want.binary_search_by_key(&c.id(), |e| e.id()) {
+                    Ok(i) => want[i] = *c,
+                    Err(i) => want.insert(i, *c),
+                }
+            }
+            let mut got = Vec::new();
+            apply_changes_to(&packed, &base, &mut got).unwrap();
+            assert_eq!(got, want);
+        }
     }
 }
