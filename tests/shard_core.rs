@@ -229,7 +229,7 @@ fn raw_client(net: &mut Net) -> usize {
 
 fn hello() -> ControlMsg {
     ControlMsg::Hello {
-        protocol_version: 1,
+        protocol_version: tickshard_schema::PROTOCOL_VERSION,
         token: String::new(),
         client_name: "t".into(),
     }

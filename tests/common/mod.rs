@@ -270,7 +270,7 @@ impl QuinnClient {
     /// Hello, then welcome. Returns (player id, shard).
     pub async fn hello(&mut self) -> (u64, u16) {
         self.send(&ControlMsg::Hello {
-            protocol_version: 1,
+            protocol_version: tickshard_schema::PROTOCOL_VERSION,
             token: String::new(),
             client_name: "e2e".into(),
         })
