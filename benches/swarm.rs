@@ -5,6 +5,8 @@
 //! cargo bench --bench swarm -- --bots 2000 --runs 3
 //! cargo bench --bench swarm -- --sweep           # the largest N held at 30 Hz
 //! cargo bench --bench swarm -- --scrape-ms 100   # with /metrics scraped every 100 ms
+//! cargo bench --bench swarm -- --shards 2        # 2 shards on both cores, swarm unpinned
+//! cargo bench --bench swarm -- --bin-dir DIR     # binaries of another build (A/B runs)
 //! ```
 //!
 //! The server runs with one shard, pinned to core 0; the swarm runs with one event loop,
@@ -39,6 +41,8 @@ struct Opts {
     window: u64,
     room: usize,
     tick_rate: u32,
+    shards: usize,
+    bin_dir: Option<PathBuf>,
 }
 
 fn parse_opts() -> Opts {
@@ -50,6 +54,8 @@ fn parse_opts() -> Opts {
         window: 20,
         room: 50,
         tick_rate: 30,
+        shards: 1,
+        bin_dir: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -65,6 +71,8 @@ fn parse_opts() -> Opts {
             "--room" => o.room = num("--room").max(1) as usize,
             "--sweep" => o.sweep = true,
             "--scrape-ms" => o.scrape_ms = num("--scrape-ms"),
+            "--shards" => o.shards = num("--shards").max(1) as usize,
+            "--bin-dir" => o.bin_dir = args.next().map(PathBuf::from),
             // `cargo bench` passes --bench; filters do not apply here.
             _ => {}
         }
@@ -95,8 +103,11 @@ fn build() -> PathBuf {
     target.join("release")
 }
 
-/// Runs the child on one core only.
-fn pinned(cmd: &mut Command, core: usize) -> &mut Command {
+/// Runs the child on one core only (`None`: on any core).
+fn pinned(cmd: &mut Command, core: Option<usize>) -> &mut Command {
+    let Some(core) = core else {
+        return cmd;
+    };
     // SAFETY: sched_setaffinity on the child itself between fork and exec; no allocation.
     unsafe {
         cmd.pre_exec(move || {
@@ -166,15 +177,16 @@ fn run_point(bin: &Path, o: &Opts, bots: usize) -> Point {
     let dir = std::env::temp_dir().join(format!("tickshard-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("bench directory");
-    let mut server = pinned(&mut Command::new(bin.join("tickshard")), 0)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--shards",
-            "1",
-            "--admin",
-            "127.0.0.1:0",
-        ])
+    // One shard: server on core 0, swarm on core 1. More: the server's shards pin themselves
+    // to every core and the swarm runs where the scheduler puts it.
+    let (server_core, swarm_core) = if o.shards == 1 {
+        (Some(0), Some(1))
+    } else {
+        (None, None)
+    };
+    let mut server = pinned(&mut Command::new(bin.join("tickshard")), server_core)
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args(["--shards", &o.shards.to_string()])
         .args(["--room-capacity", &o.room.to_string()])
         .args(["--tick-rate", &o.tick_rate.to_string()])
         .args(["--stats-interval", &o.window.to_string()])
@@ -233,7 +245,7 @@ fn run_point(bin: &Path, o: &Opts, bots: usize) -> Point {
     let settle = 2;
     let ramp = o.window - settle;
     let json = dir.join("swarm.json");
-    let out = pinned(&mut Command::new(bin.join("client-sim")), 1)
+    let out = pinned(&mut Command::new(bin.join("client-sim")), swarm_core)
         .args(["--server", &addr, "--pin", &pin])
         .args(["--bots", &bots.to_string(), "--threads", "1"])
         .args(["--ramp", &format!("{ramp}s")])
@@ -280,9 +292,27 @@ fn run_point(bin: &Path, o: &Opts, bots: usize) -> Point {
         }
         v.as_f64().unwrap_or(f64::NAN)
     };
-    // The second stats line covers the steady phase.
-    let steady = lines.get(1).or(lines.last()).cloned().unwrap_or_default();
-    let w = |k: &str| field(&steady, k).unwrap_or(f64::NAN);
+    // Each shard's second stats line covers the steady phase. Across shards: the worst
+    // percentiles, the sums of counts.
+    let steady: Vec<String> = (0..o.shards)
+        .filter_map(|sh| {
+            let mine: Vec<&String> = lines
+                .iter()
+                .filter(|l| field(l, "shard") == Some(sh as f64))
+                .collect();
+            mine.get(1).or(mine.last()).map(|l| l.to_string())
+        })
+        .collect();
+    let w = |k: &str| {
+        let v: Vec<f64> = steady.iter().filter_map(|l| field(l, k)).collect();
+        if v.is_empty() {
+            f64::NAN
+        } else if k.contains("_p") {
+            v.iter().copied().fold(f64::MIN, f64::max)
+        } else {
+            v.iter().sum()
+        }
+    };
     let per_pt = |k: &str| w(k) / w("window_snapshots");
     Point {
         pkts_in: per_pt("window_udp_in"),
@@ -374,11 +404,21 @@ fn main() {
         cores >= 2,
         "the swarm benchmark needs two cores (server on one, swarm on the other)"
     );
-    let bin = build();
+    let bin = match &o.bin_dir {
+        Some(d) => d.clone(),
+        None => build(),
+    };
     let period_us = 1e6 / o.tick_rate as f64;
     println!(
-        "swarm benchmark: 1 shard on core 0, swarm on core 1, rooms of {}, {} Hz, steady window {} s",
-        o.room, o.tick_rate, o.window
+        "swarm benchmark: {}, rooms of {}, {} Hz, steady window {} s",
+        if o.shards == 1 {
+            "1 shard on core 0, swarm on core 1".to_string()
+        } else {
+            format!("{} shards on every core, swarm unpinned", o.shards)
+        },
+        o.room,
+        o.tick_rate,
+        o.window
     );
     if o.sweep {
         print_header();

@@ -3052,7 +3052,7 @@ pub mod tickshard {
             pub const VT_TICK: ::flatbuffers::VOffsetT = 4;
             pub const VT_BASELINE: ::flatbuffers::VOffsetT = 6;
             pub const VT_LAST_INPUT: ::flatbuffers::VOffsetT = 8;
-            pub const VT_CHANGES: ::flatbuffers::VOffsetT = 16;
+            pub const VT_CHANGES: ::flatbuffers::VOffsetT = 10;
 
             #[inline]
             pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -3110,6 +3110,7 @@ pub mod tickshard {
                         .unwrap()
                 }
             }
+            /// (Protocol 2 renumbered this table: protocol 1's you, entities and removed are gone.)
             /// The delta against the baseline, packed (PROTOCOL.md, "Entity changes"): the ids that
             /// left the view, then one record per entity new or changed, each field only when it
             /// changed and positions as differences. Every visible entity when baseline is 0.
