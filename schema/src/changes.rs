@@ -213,6 +213,29 @@ struct Reader<'a> {
     buf: &'a [u8],
 }
 
+/// Reads the varints and bytes of a packed field, with errors rather than panics on truncated
+/// or overlong input (the input datagram's `packed` uses it too).
+pub struct ByteReader<'a>(Reader<'a>);
+
+impl<'a> ByteReader<'a> {
+    /// A reader of `buf`.
+    pub fn new(buf: &'a [u8]) -> Self {
+        ByteReader(Reader { buf })
+    }
+    /// The next byte.
+    pub fn byte(&mut self) -> Result<u8, DecodeError> {
+        self.0.byte()
+    }
+    /// The next unsigned LEB128 varint (at most 5 bytes, at most `u32::MAX`).
+    pub fn varint(&mut self) -> Result<u32, DecodeError> {
+        self.0.varint()
+    }
+    /// Whether every byte was read.
+    pub fn is_empty(&self) -> bool {
+        self.0.buf.is_empty()
+    }
+}
+
 impl Reader<'_> {
     fn byte(&mut self) -> Result<u8, DecodeError> {
         let (&b, rest) = self

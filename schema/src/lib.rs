@@ -187,32 +187,42 @@ pub struct InputDatagram {
 }
 
 impl InputDatagram {
-    /// Verifies `buf` and copies it out. More than [`MAX_INPUT_REDUNDANCY`] commands, or commands
-    /// not in strictly decreasing sequence order, are refused.
+    /// Longest packed form: three 5-byte varints, then 8 commands of a 5-byte gap and 5 bytes.
+    const PACKED_MAX: usize = 3 * 5 + MAX_INPUT_REDUNDANCY * 10;
+
+    /// Verifies `buf` and copies it out. More than [`MAX_INPUT_REDUNDANCY`] commands, commands
+    /// not in strictly decreasing sequence order, truncated or trailing bytes are refused.
     pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
         let input = decode_input(buf)?;
+        let packed = input.packed().map_or(&[][..], |p| p.bytes());
+        let mut r = changes::ByteReader::new(packed);
         let mut out = InputDatagram {
-            seq: input.seq(),
-            client_tick: input.client_tick(),
-            ack_snapshot: input.ack_snapshot(),
+            seq: r.varint()?,
+            client_tick: r.varint()?,
+            ack_snapshot: r.varint()?,
             ..Default::default()
         };
-        if let Some(cmds) = input.cmds() {
-            if cmds.len() > MAX_INPUT_REDUNDANCY {
+        let mut seq = out.seq;
+        while !r.is_empty() {
+            let i = out.len as usize;
+            if i == MAX_INPUT_REDUNDANCY {
                 return Err(DecodeError::Field("too many input commands"));
             }
-            let mut prev: Option<u32> = None;
-            for (i, c) in cmds.iter().enumerate() {
-                if prev.is_some_and(|p| c.seq() >= p) {
+            if i > 0 {
+                let gap = r.varint()?;
+                if gap == 0 {
                     return Err(DecodeError::Field("input commands not newest first"));
                 }
-                prev = Some(c.seq());
-                out.cmds[i] = *c;
+                seq = seq
+                    .checked_sub(gap)
+                    .ok_or(DecodeError::Field("input command seq below 0"))?;
             }
-            out.len = cmds.len() as u8;
-            if out.len > 0 && out.cmds[0].seq() != out.seq {
-                return Err(DecodeError::Field("input seq differs from newest command"));
-            }
+            let move_x = r.byte()? as i8;
+            let move_y = r.byte()? as i8;
+            let buttons = r.byte()?;
+            let aim = u16::from_le_bytes([r.byte()?, r.byte()?]);
+            out.cmds[i] = InputCmd::new(seq, move_x, move_y, buttons, 0, aim);
+            out.len += 1;
         }
         Ok(out)
     }
@@ -222,17 +232,56 @@ impl InputDatagram {
         &self.cmds[..self.len as usize]
     }
 
-    /// Encodes into `fbb` and returns the finished bytes.
+    /// Encodes into `fbb` and returns the finished bytes. The commands must be newest first with
+    /// strictly decreasing seqs, the first one's equal to `seq` (as [`InputDatagram::decode`]
+    /// requires).
     pub fn encode<'b>(&self, fbb: &'b mut FlatBufferBuilder<'static>) -> &'b [u8] {
+        let mut packed = [0u8; Self::PACKED_MAX];
+        let mut n = 0;
+        fn put(buf: &mut [u8], n: &mut usize, mut v: u32) {
+            while v >= 0x80 {
+                buf[*n] = v as u8 | 0x80;
+                *n += 1;
+                v >>= 7;
+            }
+            buf[*n] = v as u8;
+            *n += 1;
+        }
+        put(&mut packed, &mut n, self.seq);
+        put(&mut packed, &mut n, self.client_tick);
+        put(&mut packed, &mut n, self.ack_snapshot);
+        let mut prev = self.seq;
+        for (i, c) in self.cmds().iter().enumerate() {
+            debug_assert!(
+                if i == 0 {
+                    c.seq() == self.seq
+                } else {
+                    c.seq() < prev
+                },
+                "commands newest first"
+            );
+            if i > 0 {
+                put(&mut packed, &mut n, prev - c.seq());
+            }
+            prev = c.seq();
+            let aim = c.aim().to_le_bytes();
+            for b in [
+                c.move_x() as u8,
+                c.move_y() as u8,
+                c.buttons(),
+                aim[0],
+                aim[1],
+            ] {
+                packed[n] = b;
+                n += 1;
+            }
+        }
         fbb.reset();
-        let cmds = fbb.create_vector(self.cmds());
+        let packed = fbb.create_vector(&packed[..n]);
         let input = wire::Input::create(
             fbb,
             &wire::InputArgs {
-                seq: self.seq,
-                client_tick: self.client_tick,
-                ack_snapshot: self.ack_snapshot,
-                cmds: Some(cmds),
+                packed: Some(packed),
             },
         );
         fbb.finish(input, Some(INPUT_IDENTIFIER));
@@ -797,9 +846,59 @@ mod tests {
         let mut b = fbb();
         let bytes = d.encode(&mut b).to_vec();
         assert_eq!(InputDatagram::decode(&bytes).unwrap(), d);
-        d.cmds[1] = InputCmd::new(12, 0, 0, 0, 0, 0);
-        let bytes = d.encode(&mut b).to_vec();
-        assert!(InputDatagram::decode(&bytes).is_err());
+        // Three 1-byte varints, three commands of 5 bytes and two 1-byte gaps in 28 bytes of
+        // FlatBuffers framing (protocol 1 took 80 bytes for the same datagram).
+        assert!(bytes.len() <= 28 + 3 + 15 + 2, "{} bytes", bytes.len());
+        // Packed by hand: what a broken or hostile client could send.
+        let raw = |packed: &[u8]| {
+            let mut b = fbb();
+            let v = b.create_vector(packed);
+            let t = wire::Input::create(&mut b, &wire::InputArgs { packed: Some(v) });
+            b.finish(t, Some(INPUT_IDENTIFIER));
+            b.finished_data().to_vec()
+        };
+        // PROTOCOL.md §6's example.
+        let mut ex = InputDatagram {
+            seq: 10,
+            client_tick: 10,
+            ack_snapshot: 4,
+            len: 2,
+            ..Default::default()
+        };
+        ex.cmds[0] = InputCmd::new(10, 127, 0, 0, 0, 0);
+        ex.cmds[1] = InputCmd::new(9, 127, 0, 1, 0, 9);
+        let want = [
+            0x0au8, 0x0a, 0x04, 0x7f, 0, 0, 0, 0, 0x01, 0x7f, 0, 0x01, 0x09, 0,
+        ];
+        assert_eq!(ex.encode(&mut b).to_vec(), raw(&want));
+        let cmd = [1u8, 0xff, 0, 9, 0];
+        let ok = [&[10u8, 10, 4][..], &cmd, &[1], &cmd].concat();
+        assert_eq!(InputDatagram::decode(&raw(&ok)).unwrap().cmds()[1].seq(), 9);
+        let same_seq = [&[10u8, 10, 4][..], &cmd, &[0], &cmd].concat();
+        let below_zero = [&[10u8, 10, 4][..], &cmd, &[11], &cmd].concat();
+        let truncated = [&[10u8, 10, 4][..], &cmd[..4]].concat();
+        let mut nine = vec![20u8, 20, 4];
+        nine.extend_from_slice(&cmd);
+        for _ in 0..8 {
+            nine.push(1);
+            nine.extend_from_slice(&cmd);
+        }
+        for (what, bad) in [
+            ("a repeated seq", same_seq),
+            ("a seq below 0", below_zero),
+            ("a truncated command", truncated),
+            ("nine commands", nine),
+            ("no header", vec![]),
+            (
+                "an overlong varint",
+                vec![0x80, 0x80, 0x80, 0x80, 0x80, 1, 0, 0],
+            ),
+        ] {
+            assert!(
+                InputDatagram::decode(&raw(&bad)).is_err(),
+                "{what} accepted"
+            );
+        }
     }
 
     #[test]

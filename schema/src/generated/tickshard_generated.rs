@@ -2867,10 +2867,7 @@ pub mod tickshard {
         }
 
         impl<'a> Input<'a> {
-            pub const VT_SEQ: ::flatbuffers::VOffsetT = 4;
-            pub const VT_CLIENT_TICK: ::flatbuffers::VOffsetT = 6;
-            pub const VT_ACK_SNAPSHOT: ::flatbuffers::VOffsetT = 8;
-            pub const VT_CMDS: ::flatbuffers::VOffsetT = 10;
+            pub const VT_PACKED: ::flatbuffers::VOffsetT = 4;
 
             #[inline]
             pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -2887,57 +2884,25 @@ pub mod tickshard {
                 args: &'args InputArgs<'args>,
             ) -> ::flatbuffers::WIPOffset<Input<'bldr>> {
                 let mut builder = InputBuilder::new(_fbb);
-                if let Some(x) = args.cmds {
-                    builder.add_cmds(x);
+                if let Some(x) = args.packed {
+                    builder.add_packed(x);
                 }
-                builder.add_ack_snapshot(args.ack_snapshot);
-                builder.add_client_tick(args.client_tick);
-                builder.add_seq(args.seq);
                 builder.finish()
             }
 
-            /// Newest command's sequence number.
+            /// (Protocol 2 renumbered this table: protocol 1's seq, client_tick, ack_snapshot and cmds
+            /// are packed here.) The newest commands, newest first, packed (PROTOCOL.md §6): seq,
+            /// client_tick and ack_snapshot as varints, then per command a seq gap (not for the first),
+            /// move_x, move_y, buttons and aim.
             #[inline]
-            pub fn seq(&self) -> u32 {
-                // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
-                unsafe { self._tab.get::<u32>(Input::VT_SEQ, Some(0)).unwrap() }
-            }
-            /// The client's own tick counter.
-            #[inline]
-            pub fn client_tick(&self) -> u32 {
+            pub fn packed(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
                 // Safety:
                 // Created from valid Table for this object
                 // which contains a valid value in this slot
                 unsafe {
                     self._tab
-                        .get::<u32>(Input::VT_CLIENT_TICK, Some(0))
-                        .unwrap()
-                }
-            }
-            /// Newest snapshot tick the client has received (0: none); the server deltas against it.
-            #[inline]
-            pub fn ack_snapshot(&self) -> u32 {
-                // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
-                unsafe {
-                    self._tab
-                        .get::<u32>(Input::VT_ACK_SNAPSHOT, Some(0))
-                        .unwrap()
-                }
-            }
-            /// The newest commands, newest first, for redundancy (a lost datagram costs nothing).
-            #[inline]
-            pub fn cmds(&self) -> Option<::flatbuffers::Vector<'a, InputCmd>> {
-                // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
-                unsafe {
-                    self._tab
-                        .get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, InputCmd>>>(
-                            Input::VT_CMDS,
+                        .get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(
+                            Input::VT_PACKED,
                             None,
                         )
                 }
@@ -2951,29 +2916,22 @@ pub mod tickshard {
                 pos: usize,
             ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
                 v.visit_table(pos)?
-     .visit_field::<u32>("seq", Self::VT_SEQ, false)?
-     .visit_field::<u32>("client_tick", Self::VT_CLIENT_TICK, false)?
-     .visit_field::<u32>("ack_snapshot", Self::VT_ACK_SNAPSHOT, false)?
-     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, InputCmd>>>("cmds", Self::VT_CMDS, false)?
-     .finish();
+                    .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>(
+                        "packed",
+                        Self::VT_PACKED,
+                        false,
+                    )?
+                    .finish();
                 Ok(())
             }
         }
         pub struct InputArgs<'a> {
-            pub seq: u32,
-            pub client_tick: u32,
-            pub ack_snapshot: u32,
-            pub cmds: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, InputCmd>>>,
+            pub packed: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
         }
         impl<'a> Default for InputArgs<'a> {
             #[inline]
             fn default() -> Self {
-                InputArgs {
-                    seq: 0,
-                    client_tick: 0,
-                    ack_snapshot: 0,
-                    cmds: None,
-                }
+                InputArgs { packed: None }
             }
         }
 
@@ -2983,26 +2941,12 @@ pub mod tickshard {
         }
         impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> InputBuilder<'a, 'b, A> {
             #[inline]
-            pub fn add_seq(&mut self, seq: u32) {
-                self.fbb_.push_slot::<u32>(Input::VT_SEQ, seq, 0);
-            }
-            #[inline]
-            pub fn add_client_tick(&mut self, client_tick: u32) {
-                self.fbb_
-                    .push_slot::<u32>(Input::VT_CLIENT_TICK, client_tick, 0);
-            }
-            #[inline]
-            pub fn add_ack_snapshot(&mut self, ack_snapshot: u32) {
-                self.fbb_
-                    .push_slot::<u32>(Input::VT_ACK_SNAPSHOT, ack_snapshot, 0);
-            }
-            #[inline]
-            pub fn add_cmds(
+            pub fn add_packed(
                 &mut self,
-                cmds: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b, InputCmd>>,
+                packed: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b, u8>>,
             ) {
                 self.fbb_
-                    .push_slot_always::<::flatbuffers::WIPOffset<_>>(Input::VT_CMDS, cmds);
+                    .push_slot_always::<::flatbuffers::WIPOffset<_>>(Input::VT_PACKED, packed);
             }
             #[inline]
             pub fn new(
@@ -3024,10 +2968,7 @@ pub mod tickshard {
         impl ::core::fmt::Debug for Input<'_> {
             fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
                 let mut ds = f.debug_struct("Input");
-                ds.field("seq", &self.seq());
-                ds.field("client_tick", &self.client_tick());
-                ds.field("ack_snapshot", &self.ack_snapshot());
-                ds.field("cmds", &self.cmds());
+                ds.field("packed", &self.packed());
                 ds.finish()
             }
         }
