@@ -375,7 +375,7 @@ impl ShardCore {
             Some(DatagramEvent::ConnectionEvent(ch, ev)) => {
                 if let Some(c) = self.conns.get_mut(ch.0).and_then(Option::as_mut) {
                     c.conn.handle_event(ev);
-                    self.drive(ch.0, now);
+                    self.drive_after(ch.0, now, true);
                 }
             }
             Some(DatagramEvent::NewConnection(incoming)) => {
@@ -784,6 +784,17 @@ impl ShardCore {
 
     /// Delivers a connection's pending events: endpoint events, then application events.
     fn drive(&mut self, ch: usize, now: Instant) {
+        self.drive_after(ch, now, false);
+    }
+
+    /// [`ShardCore::drive`]; `received`: after a datagram from the peer. A seated player's
+    /// datagram that brought only inputs (or acknowledgements) leaves nothing to send now:
+    /// its acknowledgement waits for the snapshot, which the room sends within a tick and which
+    /// marks the connection for sending then. Not asking quinn saves a `poll_transmit` that
+    /// finds nothing, once per player per tick. Anything else (stream data, a close, the
+    /// handshake, a player without a seat) is sent at once.
+    fn drive_after(&mut self, ch: usize, now: Instant, received: bool) {
+        let mut quiet = received;
         loop {
             let Some(c) = self.conns.get_mut(ch).and_then(Option::as_mut) else {
                 return;
@@ -794,9 +805,17 @@ impl ShardCore {
                 }
             }
             let Some(ev) = c.conn.poll() else { break };
+            quiet &= matches!(ev, Event::DatagramReceived);
             self.on_event(ch, ev, now);
         }
-        self.mark_dirty(ch);
+        let seated = self
+            .conns
+            .get(ch)
+            .and_then(Option::as_ref)
+            .is_some_and(|c| matches!(c.session.seat, Seat::In(_)));
+        if !(quiet && seated) {
+            self.mark_dirty(ch);
+        }
         self.after_io(ch);
     }
 
