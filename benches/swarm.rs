@@ -307,7 +307,7 @@ fn run_point(bin: &Path, o: &Opts, bots: usize) -> Point {
         let v: Vec<f64> = steady.iter().filter_map(|l| field(l, k)).collect();
         if v.is_empty() {
             f64::NAN
-        } else if k.contains("_p") {
+        } else if k.contains("_p50_") || k.contains("_p99_") {
             v.iter().copied().fold(f64::MIN, f64::max)
         } else {
             v.iter().sum()

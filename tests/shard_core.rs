@@ -1040,3 +1040,39 @@ fn rooms_created_together_tick_apart() {
         "rooms tick too close together: gaps {gaps:?} ns of a {p} ns period"
     );
 }
+
+/// Acknowledgements ride on inputs and snapshots: with one packet a tick each way, almost no
+/// packet carries an acknowledgement alone, even on a 1 ms link, whose RTT is far under the
+/// 33 ms tick (stock quinn caps the ACK delay it asks for at max(RTT, 25 ms), which would leave
+/// the delayed-ACK timer firing before the next packet).
+#[test]
+fn acknowledgements_ride_on_inputs_and_snapshots() {
+    let mut net = Net::new(NetConfig::default());
+    for _ in 0..10 {
+        net.add_client();
+    }
+    net.connect_all(Duration::from_secs(2));
+    join_all(&mut net);
+    net.play(30, |_, _| Some((10, 0, 0, 0)));
+    let figures = |net: &Net| {
+        (
+            net.shards[0].counters().snapshots,
+            net.shards[0].quic_stats(),
+        )
+    };
+    let (snaps0, q0) = figures(&net);
+    net.play(150, |_, _| Some((10, 0, 0, 0)));
+    let (snaps1, q1) = figures(&net);
+    let player_ticks = snaps1 - snaps0;
+    assert!(player_ticks >= 10 * 140, "{player_ticks} player-ticks");
+    let (out, inn) = (
+        q1.ack_only_out - q0.ack_only_out,
+        q1.ack_only_in - q0.ack_only_in,
+    );
+    assert!(
+        out * 50 <= player_ticks && inn * 50 <= player_ticks,
+        "ACK-only packets per player-tick: out {:.3}, in {:.3}",
+        out as f64 / player_ticks as f64,
+        inn as f64 / player_ticks as f64
+    );
+}

@@ -163,7 +163,7 @@ fn transport(tick_period: Duration) -> TransportConfig {
     // ride on snapshots instead of packets of their own (and accept the same from it).
     let mut ack = quinn_proto::AckFrequencyConfig::default();
     ack.max_ack_delay(Some(tickshard_schema::ack_delay_for(tick_period)))
-        .ack_eliciting_threshold(VarInt::from_u32(3))
+        .ack_eliciting_threshold(VarInt::from_u32(tickshard_schema::ACK_ELICITING_THRESHOLD))
         .max_ack_delay_above_rtt(true);
     transport
         // The server opens no streams: a stream budget for it would only cost memory (quinn

@@ -82,9 +82,10 @@ fn mask(base: &EntityState, e: &EntityState) -> u8 {
     m
 }
 
-/// Appends `v` as a varint to `buf` at `n`.
+/// Writes `v` as a varint into `buf` at `n` and advances `n` (the caller sized `buf`: at most
+/// 5 bytes a varint).
 #[inline]
-fn put_varint_at(buf: &mut [u8; RECORD_MAX], n: &mut usize, mut v: u32) {
+pub fn put_varint_at(buf: &mut [u8], n: &mut usize, mut v: u32) {
     while v >= 0x80 {
         buf[*n] = v as u8 | 0x80;
         *n += 1;
@@ -209,54 +210,44 @@ pub fn encode_record(
     n
 }
 
-struct Reader<'a> {
+/// Reads the varints and bytes of a packed field (a snapshot's `changes`, an input's
+/// `packed`), with errors rather than panics on truncated or overlong input.
+pub struct ByteReader<'a> {
     buf: &'a [u8],
 }
-
-/// Reads the varints and bytes of a packed field, with errors rather than panics on truncated
-/// or overlong input (the input datagram's `packed` uses it too).
-pub struct ByteReader<'a>(Reader<'a>);
 
 impl<'a> ByteReader<'a> {
     /// A reader of `buf`.
     pub fn new(buf: &'a [u8]) -> Self {
-        ByteReader(Reader { buf })
+        ByteReader { buf }
     }
-    /// The next byte.
-    pub fn byte(&mut self) -> Result<u8, DecodeError> {
-        self.0.byte()
-    }
-    /// The next unsigned LEB128 varint (at most 5 bytes, at most `u32::MAX`).
-    pub fn varint(&mut self) -> Result<u32, DecodeError> {
-        self.0.varint()
-    }
+
     /// Whether every byte was read.
     pub fn is_empty(&self) -> bool {
-        self.0.buf.is_empty()
+        self.buf.is_empty()
     }
-}
 
-impl Reader<'_> {
-    fn byte(&mut self) -> Result<u8, DecodeError> {
+    /// The next byte.
+    pub fn byte(&mut self) -> Result<u8, DecodeError> {
         let (&b, rest) = self
             .buf
             .split_first()
-            .ok_or(DecodeError::Field("changes: truncated"))?;
+            .ok_or(DecodeError::Field("packed data truncated"))?;
         self.buf = rest;
         Ok(b)
     }
 
-    fn varint(&mut self) -> Result<u32, DecodeError> {
+    /// The next unsigned LEB128 varint (at most 5 bytes, at most `u32::MAX`).
+    pub fn varint(&mut self) -> Result<u32, DecodeError> {
         let mut v = 0u64;
         for i in 0..5 {
             let b = self.byte()?;
             v |= ((b & 0x7f) as u64) << (7 * i);
             if b & 0x80 == 0 {
-                return u32::try_from(v)
-                    .map_err(|_| DecodeError::Field("changes: varint overflow"));
+                return u32::try_from(v).map_err(|_| DecodeError::Field("packed varint over u32"));
             }
         }
-        Err(DecodeError::Field("changes: varint longer than 5 bytes"))
+        Err(DecodeError::Field("packed varint longer than 5 bytes"))
     }
 
     fn u16(&mut self) -> Result<u16, DecodeError> {
@@ -298,7 +289,7 @@ pub fn apply_changes_to(
     out: &mut Vec<EntityState>,
 ) -> Result<(), DecodeError> {
     out.clear();
-    let mut r = Reader { buf: changes };
+    let mut r = ByteReader::new(changes);
     let count = r.varint()? as usize;
     if count > r.buf.len() {
         return Err(DecodeError::Field("changes: more removals than bytes"));
@@ -309,9 +300,7 @@ pub fn apply_changes_to(
     for _ in 0..count {
         prev = Some(next_id(prev, r.varint()?)?);
     }
-    let mut rem = Reader {
-        buf: &removals[..removals.len() - r.buf.len()],
-    };
+    let mut rem = ByteReader::new(&removals[..removals.len() - r.buf.len()]);
     let mut rem_left = count;
     let mut rem_prev = None;
     let mut next_removal = move || -> Option<u32> {

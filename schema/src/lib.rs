@@ -62,6 +62,12 @@ pub fn ack_delay_for(tick_period: std::time::Duration) -> std::time::Duration {
     use std::time::Duration;
     (tick_period + tick_period / 4).clamp(Duration::from_millis(25), Duration::from_millis(100))
 }
+
+/// The ack-eliciting threshold both sides ask of each other (QUIC's ACK frequency extension):
+/// acknowledge at once after more than 3 unacknowledged packets (QUIC's default is 1). With one
+/// packet a tick each way the delay, not the count, decides; the threshold only matters in a
+/// burst.
+pub const ACK_ELICITING_THRESHOLD: u32 = 3;
 /// Largest control frame (the FlatBuffer, without its 4-byte length) either side accepts.
 /// Control messages are small (the largest is a chat line); 16 KiB leaves room for
 /// future messages while bounding what a peer can make the other buffer.
@@ -238,15 +244,7 @@ impl InputDatagram {
     pub fn encode<'b>(&self, fbb: &'b mut FlatBufferBuilder<'static>) -> &'b [u8] {
         let mut packed = [0u8; Self::PACKED_MAX];
         let mut n = 0;
-        fn put(buf: &mut [u8], n: &mut usize, mut v: u32) {
-            while v >= 0x80 {
-                buf[*n] = v as u8 | 0x80;
-                *n += 1;
-                v >>= 7;
-            }
-            buf[*n] = v as u8;
-            *n += 1;
-        }
+        use changes::put_varint_at as put;
         put(&mut packed, &mut n, self.seq);
         put(&mut packed, &mut n, self.client_tick);
         put(&mut packed, &mut n, self.ack_snapshot);

@@ -122,15 +122,11 @@ pub struct Counters {
     pub rooms_closed: u64,
 }
 
-/// QUIC packet figures of a shard: quinn's per-connection statistics summed over its live
+/// QUIC packet figures of a shard (its datagram counts are in [`Counters`]): quinn's per-connection statistics summed over its live
 /// connections and those it has retired. Read a few times a second (reports, stats lines);
 /// nothing is counted per packet for them.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct QuicStats {
-    /// UDP datagrams the connections sent.
-    pub packets_out: u64,
-    /// UDP datagrams the connections received.
-    pub packets_in: u64,
     /// Packets sent that carried no ack-eliciting frame: acknowledgements alone. Estimated as
     /// packets sent minus ack-eliciting frames sent, so a packet that carried two such frames
     /// (a snapshot and a game event) hides one ACK-only packet: a lower bound, exact when every
@@ -145,8 +141,6 @@ pub struct QuicStats {
 impl QuicStats {
     /// Adds one connection's statistics.
     pub fn add(&mut self, s: &quinn_proto::ConnectionStats) {
-        self.packets_out += s.udp_tx.datagrams;
-        self.packets_in += s.udp_rx.datagrams;
         self.ack_only_out += s
             .udp_tx
             .datagrams
@@ -156,15 +150,6 @@ impl QuicStats {
             .datagrams
             .saturating_sub(ack_eliciting_frames(&s.frame_rx));
         self.lost_packets += s.path.lost_packets;
-    }
-
-    /// Adds another shard's or connection set's figures.
-    pub fn merge(&mut self, o: &QuicStats) {
-        self.packets_out += o.packets_out;
-        self.packets_in += o.packets_in;
-        self.ack_only_out += o.ack_only_out;
-        self.ack_only_in += o.ack_only_in;
-        self.lost_packets += o.lost_packets;
     }
 }
 

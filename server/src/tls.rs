@@ -190,7 +190,7 @@ pub struct TransportSettings {
 pub fn ack_frequency(tick_period: Duration) -> AckFrequencyConfig {
     let mut c = AckFrequencyConfig::default();
     c.max_ack_delay(Some(tickshard_schema::ack_delay_for(tick_period)))
-        .ack_eliciting_threshold(VarInt::from_u32(3))
+        .ack_eliciting_threshold(VarInt::from_u32(tickshard_schema::ACK_ELICITING_THRESHOLD))
         .max_ack_delay_above_rtt(true);
     c
 }
