@@ -103,8 +103,7 @@ fn input_decode(c: &mut Criterion) {
     for i in 0..8 {
         d.cmds[i] = InputCmd::new(100 - i as u32, 3, 4, 1, 0, 77);
     }
-    let mut fbb = flatbuffers::FlatBufferBuilder::new();
-    let bytes = d.encode(&mut fbb).to_vec();
+    let bytes = d.encode().bytes().to_vec();
     c.bench_function("input/decode", |b| {
         b.iter(|| black_box(InputDatagram::decode(black_box(&bytes)).unwrap()))
     });

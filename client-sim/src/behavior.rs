@@ -255,10 +255,9 @@ impl Brain {
                 let mut bytes: Vec<u8> = (0..len as u64)
                     .map(|i| mix(self.seed, self.bot, tick, 100 + i) as u8)
                     .collect();
-                if h % 90 == 1 && len >= 8 {
-                    // Looks like an input (right identifier), but is cut short.
-                    bytes[4..8].copy_from_slice(b"TSIN");
-                    bytes.truncate(12);
+                if h % 90 == 1 {
+                    // Looks like an input (right tag), but is cut short inside a varint.
+                    bytes = vec![tickshard_schema::INPUT_TAG, 0x85, 0x80];
                 }
                 out.push(Action::RawDatagram(bytes));
                 out.push(self.wander(tick));

@@ -562,7 +562,7 @@ impl Client {
         for (i, c) in self.unconfirmed.iter().rev().enumerate() {
             d.cmds[i] = *c;
         }
-        let bytes = Bytes::copy_from_slice(d.encode(&mut self.fbb));
+        let bytes = Bytes::copy_from_slice(d.encode().bytes());
         self.last_input = Some(bytes.clone());
         if self.conn.datagrams().send(bytes, true).is_ok() {
             self.stats.inputs_sent += 1;

@@ -5,10 +5,11 @@
 //! lives in `src/generated/` and is committed; this crate adds the thin safe layer that every
 //! peer must use:
 //!
-//! - **Verified decoding with explicit limits.** [`decode_control`], [`decode_input`] and
-//!   [`decode_snapshot`] check the size first, then the file identifier, then run the
-//!   FlatBuffers verifier with [`Limits`] (depth, table count, apparent size). Nothing reads a
-//!   buffer that has not passed, so a hostile peer gets a typed [`DecodeError`], never a panic.
+//! - **Verified decoding with explicit limits.** [`decode_control`] and [`decode_snapshot`]
+//!   check the size first, then the file identifier, then run the FlatBuffers verifier with
+//!   [`Limits`] (depth, table count, apparent size); [`InputDatagram::decode`] checks the size
+//!   and the tag, then parses the packed commands strictly. Nothing reads a buffer that has not
+//!   passed, so a hostile peer gets a typed [`DecodeError`], never a panic.
 //! - **Owned control messages.** [`ControlMsg`] is the decoded form of one control-stream frame,
 //!   with string lengths checked; [`ControlMsg::encode`] builds it back.
 //! - **Allocation-free datagrams.** [`InputDatagram`] holds up to [`MAX_INPUT_REDUNDANCY`]
@@ -16,8 +17,10 @@
 //! - **Control-stream framing.** [`FrameDecoder`] splits a byte stream into frames of at most
 //!   [`MAX_CONTROL_FRAME`] bytes, and [`write_frame`] adds the 4-byte little-endian length.
 //!
-//! Datagrams carry no tag of their own: the FlatBuffers file identifier (`TSIN` for inputs,
-//! `TSSN` for snapshots) at bytes 4..8 names the type.
+//! A snapshot datagram is named by its FlatBuffers file identifier (`TSSN`, bytes 4..8). An
+//! input datagram is not a FlatBuffer (since protocol 3): its first byte is [`INPUT_TAG`] and
+//! the packed commands follow, because the FlatBuffers framing was 28 of its 78 bytes on the
+//! wire and carried nothing the packed form does not.
 
 #[allow(
     clippy::all,
@@ -43,13 +46,13 @@ pub use wire::{EntityState, InputCmd, LeaveReason};
 
 /// File identifier of control frames.
 pub const CONTROL_IDENTIFIER: &str = "TSCT";
-/// File identifier of input datagrams.
-pub const INPUT_IDENTIFIER: &str = "TSIN";
+/// First byte of every input datagram (`I`); the packed commands follow (PROTOCOL.md §6).
+pub const INPUT_TAG: u8 = b'I';
 /// File identifier of snapshot datagrams.
 pub const SNAPSHOT_IDENTIFIER: &str = "TSSN";
 
 /// The protocol version a client announces in `Hello`. A server refuses other versions.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The ALPN protocol id of tickshard over QUIC.
 pub const ALPN: &[u8] = b"tickshard/1";
 
@@ -134,6 +137,12 @@ pub enum DecodeError {
         /// The expected identifier.
         expected: &'static str,
     },
+    /// The datagram's first byte is not the expected tag (or the datagram is empty).
+    #[error("wrong datagram tag (expected {expected:#04x})")]
+    WrongTag {
+        /// The expected tag.
+        expected: u8,
+    },
     /// The FlatBuffers verifier refused the buffer.
     #[error("flatbuffer verification failed: {0}")]
     Invalid(String),
@@ -163,13 +172,6 @@ pub fn decode_control(buf: &[u8]) -> Result<wire::Control<'_>, DecodeError> {
         .map_err(|e| DecodeError::Invalid(e.to_string()))
 }
 
-/// Verifies and opens one input datagram.
-pub fn decode_input(buf: &[u8]) -> Result<wire::Input<'_>, DecodeError> {
-    let buf = check(buf, &Limits::DATAGRAM, INPUT_IDENTIFIER)?;
-    flatbuffers::root_with_opts::<wire::Input>(&Limits::DATAGRAM.verifier(), buf)
-        .map_err(|e| DecodeError::Invalid(e.to_string()))
-}
-
 /// Verifies and opens one snapshot datagram.
 pub fn decode_snapshot(buf: &[u8]) -> Result<wire::Snapshot<'_>, DecodeError> {
     let buf = check(buf, &Limits::DATAGRAM, SNAPSHOT_IDENTIFIER)?;
@@ -192,15 +194,41 @@ pub struct InputDatagram {
     pub cmds: [InputCmd; MAX_INPUT_REDUNDANCY],
 }
 
-impl InputDatagram {
-    /// Longest packed form: three 5-byte varints, then 8 commands of a 5-byte gap and 5 bytes.
-    const PACKED_MAX: usize = 3 * 5 + MAX_INPUT_REDUNDANCY * 10;
+/// One encoded input datagram, held inline ([`InputDatagram::encode`]).
+#[derive(Clone, Copy)]
+pub struct EncodedInput {
+    buf: [u8; InputDatagram::MAX_LEN],
+    len: usize,
+}
 
-    /// Verifies `buf` and copies it out. More than [`MAX_INPUT_REDUNDANCY`] commands, commands
-    /// not in strictly decreasing sequence order, truncated or trailing bytes are refused.
+impl EncodedInput {
+    /// The datagram's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl InputDatagram {
+    /// Longest datagram: the tag, three 5-byte varints, then 8 commands of 5 bytes, all but the
+    /// first behind a gap of up to 5 bytes. Anything longer is refused before it is parsed.
+    pub const MAX_LEN: usize =
+        1 + 3 * 5 + MAX_INPUT_REDUNDANCY * 5 + (MAX_INPUT_REDUNDANCY - 1) * 5;
+
+    /// Verifies `buf` and copies it out. A missing or wrong tag, more than
+    /// [`MAX_INPUT_REDUNDANCY`] commands, commands not in strictly decreasing sequence order,
+    /// truncated or trailing bytes are refused.
     pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
-        let input = decode_input(buf)?;
-        let packed = input.packed().map_or(&[][..], |p| p.bytes());
+        if buf.len() > Self::MAX_LEN {
+            return Err(DecodeError::TooLarge {
+                len: buf.len(),
+                max: Self::MAX_LEN,
+            });
+        }
+        let Some((&INPUT_TAG, packed)) = buf.split_first() else {
+            return Err(DecodeError::WrongTag {
+                expected: INPUT_TAG,
+            });
+        };
         let mut r = changes::ByteReader::new(packed);
         let mut out = InputDatagram {
             seq: r.varint()?,
@@ -238,12 +266,13 @@ impl InputDatagram {
         &self.cmds[..self.len as usize]
     }
 
-    /// Encodes into `fbb` and returns the finished bytes. The commands must be newest first with
-    /// strictly decreasing seqs, the first one's equal to `seq` (as [`InputDatagram::decode`]
-    /// requires).
-    pub fn encode<'b>(&self, fbb: &'b mut FlatBufferBuilder<'static>) -> &'b [u8] {
-        let mut packed = [0u8; Self::PACKED_MAX];
-        let mut n = 0;
+    /// Encodes the datagram: the tag, then the packed commands. The commands must be newest
+    /// first with strictly decreasing seqs, the first one's equal to `seq` (as
+    /// [`InputDatagram::decode`] requires).
+    pub fn encode(&self) -> EncodedInput {
+        let mut packed = [0u8; Self::MAX_LEN];
+        packed[0] = INPUT_TAG;
+        let mut n = 1;
         use changes::put_varint_at as put;
         put(&mut packed, &mut n, self.seq);
         put(&mut packed, &mut n, self.client_tick);
@@ -274,16 +303,10 @@ impl InputDatagram {
                 n += 1;
             }
         }
-        fbb.reset();
-        let packed = fbb.create_vector(&packed[..n]);
-        let input = wire::Input::create(
-            fbb,
-            &wire::InputArgs {
-                packed: Some(packed),
-            },
-        );
-        fbb.finish(input, Some(INPUT_IDENTIFIER));
-        fbb.finished_data()
+        EncodedInput {
+            buf: packed,
+            len: n,
+        }
     }
 }
 
@@ -805,7 +828,13 @@ mod tests {
         }
         assert!(refused >= bytes.len() - 8, "{refused} of {}", bytes.len());
         assert!(ControlMsg::decode(&[0xff; 64]).is_err());
-        assert!(decode_input(&bytes).is_err(), "control is not an input");
+        assert_eq!(
+            InputDatagram::decode(&bytes),
+            Err(DecodeError::WrongTag {
+                expected: INPUT_TAG
+            }),
+            "control is not an input"
+        );
         let mut flipped = bytes.clone();
         for i in 8..flipped.len() {
             flipped[i] ^= 0xa5;
@@ -841,20 +870,13 @@ mod tests {
         for i in 0..3 {
             d.cmds[i] = InputCmd::new(10 - i as u32, 1, -1, 0, 0, 9);
         }
-        let mut b = fbb();
-        let bytes = d.encode(&mut b).to_vec();
+        let bytes = d.encode().bytes().to_vec();
         assert_eq!(InputDatagram::decode(&bytes).unwrap(), d);
-        // Three 1-byte varints, three commands of 5 bytes and two 1-byte gaps in 28 bytes of
-        // FlatBuffers framing (protocol 1 took 80 bytes for the same datagram).
-        assert!(bytes.len() <= 28 + 3 + 15 + 2, "{} bytes", bytes.len());
+        // The tag, three 1-byte varints, three commands of 5 bytes and two 1-byte gaps
+        // (protocol 1 took 80 bytes for the same datagram, protocol 2 48).
+        assert_eq!(bytes.len(), 1 + 3 + 15 + 2);
         // Packed by hand: what a broken or hostile client could send.
-        let raw = |packed: &[u8]| {
-            let mut b = fbb();
-            let v = b.create_vector(packed);
-            let t = wire::Input::create(&mut b, &wire::InputArgs { packed: Some(v) });
-            b.finish(t, Some(INPUT_IDENTIFIER));
-            b.finished_data().to_vec()
-        };
+        let raw = |packed: &[u8]| [&[INPUT_TAG][..], packed].concat();
         // PROTOCOL.md §6's example.
         let mut ex = InputDatagram {
             seq: 10,
@@ -868,7 +890,8 @@ mod tests {
         let want = [
             0x0au8, 0x0a, 0x04, 0x7f, 0, 0, 0, 0, 0x01, 0x7f, 0, 0x01, 0x09, 0,
         ];
-        assert_eq!(ex.encode(&mut b).to_vec(), raw(&want));
+        assert_eq!(ex.encode().bytes(), &raw(&want)[..]);
+        assert_eq!(raw(&want)[0], 0x49);
         let cmd = [1u8, 0xff, 0, 9, 0];
         let ok = [&[10u8, 10, 4][..], &cmd, &[1], &cmd].concat();
         assert_eq!(InputDatagram::decode(&raw(&ok)).unwrap().cmds()[1].seq(), 9);
@@ -897,6 +920,45 @@ mod tests {
                 "{what} accepted"
             );
         }
+        // The tag decides: a good body behind another first byte, an empty datagram, and a
+        // protocol 2 input (the same body inside a FlatBuffer) are all refused.
+        let tag_err = Err(DecodeError::WrongTag {
+            expected: INPUT_TAG,
+        });
+        assert_eq!(InputDatagram::decode(&[&[b'J'][..], &ok].concat()), tag_err);
+        assert_eq!(InputDatagram::decode(&[]), tag_err);
+        assert_eq!(InputDatagram::decode(&ok), tag_err);
+        let mut b = fbb();
+        let v = b.create_vector(&want[..]);
+        let snap = wire::Snapshot::create(
+            &mut b,
+            &wire::SnapshotArgs {
+                changes: Some(v),
+                ..Default::default()
+            },
+        );
+        b.finish(snap, Some(SNAPSHOT_IDENTIFIER));
+        assert!(InputDatagram::decode(b.finished_data()).is_err());
+        // Longer than any valid input: refused before parsing.
+        let long = raw(&[1u8; InputDatagram::MAX_LEN]);
+        assert!(matches!(
+            InputDatagram::decode(&long),
+            Err(DecodeError::TooLarge { .. })
+        ));
+        // The longest valid input fits MAX_LEN: 8 commands, 5-byte varints and gaps.
+        let mut max = InputDatagram {
+            seq: u32::MAX,
+            client_tick: u32::MAX,
+            ack_snapshot: u32::MAX,
+            len: 8,
+            ..Default::default()
+        };
+        for i in 0..8 {
+            max.cmds[i] = InputCmd::new(u32::MAX - (i as u32) * (1 << 28), 1, 1, 1, 0, 1);
+        }
+        let enc = max.encode();
+        assert_eq!(enc.bytes().len(), InputDatagram::MAX_LEN);
+        assert_eq!(InputDatagram::decode(enc.bytes()).unwrap(), max);
     }
 
     #[test]

@@ -318,8 +318,7 @@ pub fn input_datagram(seq: u32, move_x: i8, move_y: i8) -> bytes::Bytes {
         ..Default::default()
     };
     d.cmds[0] = tickshard_schema::InputCmd::new(seq, move_x, move_y, 0, 0, 0);
-    let mut fbb = flatbuffers::FlatBufferBuilder::new();
-    bytes::Bytes::copy_from_slice(d.encode(&mut fbb))
+    bytes::Bytes::copy_from_slice(d.encode().bytes())
 }
 
 /// What a test client saw in one full snapshot.
