@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use tickshard::game::ViewEntity;
 use tickshard::ids::{PlayerId, RoomId, ShardId};
 use tickshard::room::{Room, RoomOutput, Route};
-use tickshard::snapshot::ViewerHistory;
+use tickshard::snapshot::{Scratch, ViewerHistory};
 use tickshard::stats::{Counters, TickStats};
-use tickshard_schema::{EntityState, InputCmd, InputDatagram, SnapshotWriter};
+use tickshard_schema::{EntityState, InputCmd, InputDatagram};
 
 fn snapshot_build(c: &mut Criterion) {
     let mut g = c.benchmark_group("snapshot/build");
@@ -24,7 +24,7 @@ fn snapshot_build(c: &mut Criterion) {
         g.throughput(Throughput::Elements(n as u64));
         g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
             let mut h = ViewerHistory::default();
-            let mut w = SnapshotWriter::default();
+            let mut sc = Scratch::default();
             let mut view: Vec<ViewEntity> = Vec::new();
             let mut tick = 0u32;
             b.iter(|| {
@@ -35,7 +35,7 @@ fn snapshot_build(c: &mut Criterion) {
                     priority: i,
                 }));
                 let (bytes, _) =
-                    h.build(tick, tick.saturating_sub(2), tick, &mut view, 1100, &mut w);
+                    h.build(tick, tick.saturating_sub(2), tick, &mut view, 1100, &mut sc);
                 black_box(bytes.len());
             });
         });

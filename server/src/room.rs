@@ -30,12 +30,12 @@
 
 use crate::game::{Game, GameEvent, GameSetup, ModeSpec, PlayerInput, PlayerResult, ViewEntity};
 use crate::ids::{EntityId, PlayerId, RoomId, ShardId, Tick};
-use crate::snapshot::ViewerHistory;
+use crate::snapshot::{Scratch, ViewerHistory};
 use crate::stats::{record, Counters, Phase, TickStats};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
-use tickshard_schema::{InputDatagram, SnapshotWriter};
+use tickshard_schema::InputDatagram;
 
 /// Most commands a seat keeps queued. Eight ticks of redundancy recovery plus eight of jitter.
 pub const INPUT_QUEUE: usize = 16;
@@ -112,7 +112,8 @@ pub struct Room {
     empty_since: Option<Instant>,
     events: Vec<GameEvent>,
     view: Vec<ViewEntity>,
-    writer: SnapshotWriter,
+    /// Working buffers of snapshot builds (and the datagram writer), shared by the seats.
+    scratch: Scratch,
     max_datagram: usize,
 }
 
@@ -144,7 +145,7 @@ impl Room {
             empty_since: Some(now),
             events: Vec::new(),
             view: Vec::with_capacity(64),
-            writer: SnapshotWriter::default(),
+            scratch: Scratch::default(),
             max_datagram,
             mode,
         }
@@ -349,7 +350,7 @@ impl Room {
         let t3 = clock();
         record(&mut stats.phase_us[Phase::Simulate as usize], t3 - t2);
 
-        // (4) snapshot, and (5) flush each one as it is built: the writer's buffer is reused.
+        // (4) snapshot, and (5) flush each one as it is built: the scratch's writer buffer is reused.
         let mut flush = Duration::ZERO;
         for seat in &mut self.seats {
             self.view.clear();
@@ -360,7 +361,7 @@ impl Room {
                 seat.last_applied,
                 &mut self.view,
                 self.max_datagram,
-                &mut self.writer,
+                &mut self.scratch,
             );
             counters.snapshots += 1;
             counters.snapshot_bytes += bytes.len() as u64;

@@ -18,7 +18,9 @@
 //! are one to three bytes each.
 //!
 //! Every buffer here is reused from tick to tick: building a snapshot does not allocate once
-//! the viewer's history has warmed up.
+//! the viewer's history has warmed up. A viewer owns only the states its client may still
+//! acknowledge; the working buffers of a build are a [`Scratch`] that the room shares among
+//! its viewers (about 1.5 KB less per player than a set per viewer).
 
 use crate::game::ViewEntity;
 use tickshard_schema::changes::{
@@ -42,7 +44,14 @@ struct Entry {
 pub struct ViewerHistory {
     /// Snapshots from the acknowledged one on, oldest first (ticks ascending).
     entries: std::collections::VecDeque<Entry>,
-    // Scratch buffers, kept to avoid allocating per tick.
+    /// The buffer of the last forgotten snapshot, for the next one (no allocation per tick).
+    spare: Option<Vec<EntityState>>,
+}
+
+/// The working buffers of one snapshot build, shared by every viewer of a room (a build
+/// leaves nothing in them that the next one reads).
+#[derive(Default)]
+pub struct Scratch {
     sent: Vec<EntityState>,
     removed: Vec<u32>,
     /// Changed entities of this tick: (index in the view, whether the baseline has it).
@@ -51,8 +60,7 @@ pub struct ViewerHistory {
     records: Vec<u8>,
     merged: Vec<EntityState>,
     packed: Vec<u8>,
-    /// The buffer of the last forgotten snapshot, for the next one (no allocation per tick).
-    spare: Option<Vec<EntityState>>,
+    writer: SnapshotWriter,
 }
 
 /// Figures of one built snapshot.
@@ -71,14 +79,13 @@ pub struct BuiltSnapshot {
 impl ViewerHistory {
     /// Bytes of entity state held (for memory accounting).
     pub fn held_bytes(&self) -> usize {
-        self.entries
+        (self
+            .entries
             .iter()
-            .map(|e| e.state.capacity() * ENTITY_STATE_SIZE)
+            .map(|e| e.state.capacity())
             .sum::<usize>()
-            + (self.sent.capacity()
-                + self.merged.capacity()
-                + self.spare.as_ref().map_or(0, Vec::capacity))
-                * ENTITY_STATE_SIZE
+            + self.spare.as_ref().map_or(0, Vec::capacity))
+            * ENTITY_STATE_SIZE
     }
 
     /// Forgets the oldest snapshot, keeping its buffer for the next.
@@ -97,7 +104,7 @@ impl ViewerHistory {
     ///
     /// `view` is what the viewer can see now (any order; it is sorted here by id, and by
     /// priority only when the changes do not fit).
-    /// The encoded datagram is left in `writer`'s buffer and returned with its figures.
+    /// The encoded datagram is left in `scratch`'s buffer and returned with its figures.
     pub fn build<'w>(
         &mut self,
         tick: u32,
@@ -105,7 +112,7 @@ impl ViewerHistory {
         last_input: u32,
         view: &mut [ViewEntity],
         max_bytes: usize,
-        writer: &'w mut SnapshotWriter,
+        scratch: &'w mut Scratch,
     ) -> (&'w [u8], BuiltSnapshot) {
         // A usable baseline: sent by us (still held) and strictly older than this tick.
         let base_at = if ack != 0 && ack < tick && tick - ack < HISTORY as u32 {
@@ -133,9 +140,9 @@ impl ViewerHistory {
         // Removals (in the baseline, not in view) and changes (new, or not as in the baseline),
         // each change encoded at once: in id order its record is final unless the changes
         // turn out not to fit.
-        self.removed.clear();
-        self.changed.clear();
-        self.records.clear();
+        scratch.removed.clear();
+        scratch.changed.clear();
+        scratch.records.clear();
         let mut prev = 0;
         let (mut i, mut j) = (0, 0);
         while i < view.len() || j < base_state.len() {
@@ -154,40 +161,44 @@ impl ViewerHistory {
                     None
                 }
                 (_, Some(b)) => {
-                    self.removed.push(b.id());
+                    scratch.removed.push(b.id());
                     j += 1;
                     continue;
                 }
                 (_, None) => break,
             };
             let e = &view[i - 1].state;
-            encode_record(prev, base, e, &mut self.records);
+            encode_record(prev, base, e, &mut scratch.records);
             prev = e.id();
-            self.changed.push(((i - 1) as u32, base.is_some()));
+            scratch.changed.push(((i - 1) as u32, base.is_some()));
         }
 
         let cap = max_bytes.saturating_sub(SNAPSHOT_OVERHEAD);
-        let removal_bytes = count_bound(self.removed.len())
-            + self
+        let removal_bytes = count_bound(scratch.removed.len())
+            + scratch
                 .removed
                 .iter()
                 .map(|&id| removal_bound(id))
                 .sum::<usize>();
         let mut deferred = 0;
-        self.packed.clear();
-        if removal_bytes + self.records.len() <= cap {
+        scratch.packed.clear();
+        if removal_bytes + scratch.records.len() <= cap {
             // Everything fits (the usual case): removals, then the records as encoded.
-            encode_removals(&self.removed, &mut self.packed);
-            self.packed.extend_from_slice(&self.records);
-            self.sent.clear();
-            self.sent
-                .extend(self.changed.iter().map(|&(vi, _)| view[vi as usize].state));
+            encode_removals(&scratch.removed, &mut scratch.packed);
+            scratch.packed.extend_from_slice(&scratch.records);
+            scratch.sent.clear();
+            scratch.sent.extend(
+                scratch
+                    .changed
+                    .iter()
+                    .map(|&(vi, _)| view[vi as usize].state),
+            );
         } else {
             // Over budget: removals first while they fit, then changes in priority order,
             // planned with each record's size bound; the rest is deferred.
-            let mut budget = cap.saturating_sub(count_bound(self.removed.len()));
+            let mut budget = cap.saturating_sub(count_bound(scratch.removed.len()));
             let mut kept = 0;
-            for &id in &self.removed {
+            for &id in &scratch.removed {
                 let need = removal_bound(id);
                 if need > budget {
                     break;
@@ -195,14 +206,14 @@ impl ViewerHistory {
                 budget -= need;
                 kept += 1;
             }
-            self.removed.truncate(kept);
-            self.changed.sort_unstable_by_key(|&(vi, _)| {
+            scratch.removed.truncate(kept);
+            scratch.changed.sort_unstable_by_key(|&(vi, _)| {
                 let v = &view[vi as usize];
                 (v.priority, v.state.id())
             });
             let mut keep = 0;
-            for k in 0..self.changed.len() {
-                let (vi, has_base) = self.changed[k];
+            for k in 0..scratch.changed.len() {
+                let (vi, has_base) = scratch.changed[k];
                 let e = &view[vi as usize].state;
                 let base = if has_base {
                     base_state
@@ -218,53 +229,65 @@ impl ViewerHistory {
                     continue;
                 }
                 budget -= need;
-                self.changed[keep] = (vi, has_base);
+                scratch.changed[keep] = (vi, has_base);
                 keep += 1;
             }
-            self.changed.truncate(keep);
+            scratch.changed.truncate(keep);
             // Back in id order (the view is sorted by id).
-            self.changed.sort_unstable_by_key(|&(vi, _)| vi);
-            self.sent.clear();
-            self.sent
-                .extend(self.changed.iter().map(|&(vi, _)| view[vi as usize].state));
-            encode_changes(base_state, &self.removed, &self.sent, &mut self.packed);
+            scratch.changed.sort_unstable_by_key(|&(vi, _)| vi);
+            scratch.sent.clear();
+            scratch.sent.extend(
+                scratch
+                    .changed
+                    .iter()
+                    .map(|&(vi, _)| view[vi as usize].state),
+            );
+            encode_changes(
+                base_state,
+                &scratch.removed,
+                &scratch.sent,
+                &mut scratch.packed,
+            );
         }
-        let bytes = writer.encode(tick, baseline, last_input, &self.packed);
+        let bytes = scratch
+            .writer
+            .encode(tick, baseline, last_input, &scratch.packed);
 
         // Record what the client will hold: the baseline without the removals sent, with what
         // was sent upserted; all three lists ascend by id.
-        self.merged.clear();
+        scratch.merged.clear();
         let (mut r, mut s) = (0, 0);
         for b in base_state {
-            while s < self.sent.len() && self.sent[s].id() < b.id() {
-                self.merged.push(self.sent[s]);
+            while s < scratch.sent.len() && scratch.sent[s].id() < b.id() {
+                scratch.merged.push(scratch.sent[s]);
                 s += 1;
             }
-            if self.removed.get(r) == Some(&b.id()) {
+            if scratch.removed.get(r) == Some(&b.id()) {
                 r += 1;
                 continue;
             }
-            if s < self.sent.len() && self.sent[s].id() == b.id() {
-                self.merged.push(self.sent[s]);
+            if s < scratch.sent.len() && scratch.sent[s].id() == b.id() {
+                scratch.merged.push(scratch.sent[s]);
                 s += 1;
             } else {
-                self.merged.push(*b);
+                scratch.merged.push(*b);
             }
         }
-        self.merged.extend_from_slice(&self.sent[s..]);
+        scratch.merged.extend_from_slice(&scratch.sent[s..]);
         // Without an acknowledgement any held snapshot may still become the baseline: keep the
         // newest HISTORY - 1 and this one.
         while self.entries.len() >= HISTORY {
             self.recycle_front();
         }
         let mut state = self.spare.take().unwrap_or_default();
-        std::mem::swap(&mut state, &mut self.merged);
+        state.clear();
+        state.extend_from_slice(&scratch.merged);
         self.entries.push_back(Entry { tick, state });
         let built = BuiltSnapshot {
             baseline,
-            entities: self.sent.len(),
+            entities: scratch.sent.len(),
             deferred,
-            removed: self.removed.len(),
+            removed: scratch.removed.len(),
         };
         (bytes, built)
     }
@@ -286,9 +309,9 @@ mod tests {
     #[test]
     fn delta_sends_only_changes_and_removals() {
         let mut h = ViewerHistory::default();
-        let mut w = SnapshotWriter::default();
+        let mut sc = Scratch::default();
         let mut view = vec![ent(1, 10), ent(2, 20), ent(3, 30)];
-        let (_, b1) = h.build(1, 0, 0, &mut view, 1200, &mut w);
+        let (_, b1) = h.build(1, 0, 0, &mut view, 1200, &mut sc);
         assert_eq!(
             b1,
             BuiltSnapshot {
@@ -299,7 +322,7 @@ mod tests {
             }
         );
         let mut view = vec![ent(1, 11), ent(2, 20)];
-        let (bytes, b2) = h.build(2, 1, 0, &mut view, 1200, &mut w);
+        let (bytes, b2) = h.build(2, 1, 0, &mut view, 1200, &mut sc);
         assert_eq!(
             b2,
             BuiltSnapshot {
@@ -319,14 +342,14 @@ mod tests {
     #[test]
     fn budget_defers_low_priority_entities() {
         let mut h = ViewerHistory::default();
-        let mut w = SnapshotWriter::default();
+        let mut sc = Scratch::default();
         // Records of these new entities take 5 bytes (id gap, mask, x in 2, health): room for
         // ten, and the removal count.
         let mut view: Vec<_> = (1..=100).map(|i| ent(i, 300 + i as u16)).collect();
         let one = record_bound(None, &view[0].state);
         assert_eq!(one, 5);
         let max = SNAPSHOT_OVERHEAD + 1 + 10 * one;
-        let (bytes, b) = h.build(1, 0, 0, &mut view, max, &mut w);
+        let (bytes, b) = h.build(1, 0, 0, &mut view, max, &mut sc);
         assert!(bytes.len() <= max, "{} > {max}", bytes.len());
         assert_eq!(b.entities, 10);
         assert_eq!(b.deferred, 90);
@@ -336,18 +359,18 @@ mod tests {
         let ids: Vec<u32> = held.iter().map(|e| e.id()).collect();
         assert_eq!(ids, (1..=10).collect::<Vec<_>>(), "highest priority first");
         // The next delta against tick 1 sends the next ten.
-        let (_, b) = h.build(2, 1, 0, &mut view, max, &mut w);
+        let (_, b) = h.build(2, 1, 0, &mut view, max, &mut sc);
         assert_eq!((b.baseline, b.entities, b.deferred), (1, 10, 80));
     }
 
     #[test]
     fn stale_or_bogus_ack_gets_full_state() {
         let mut h = ViewerHistory::default();
-        let mut w = SnapshotWriter::default();
+        let mut sc = Scratch::default();
         let mut view = vec![ent(1, 1)];
-        h.build(1, 0, 0, &mut view, 1200, &mut w);
+        h.build(1, 0, 0, &mut view, 1200, &mut sc);
         for (tick, ack) in [(2, 9), (40, 1), (41, 0)] {
-            let (_, b) = h.build(tick, ack, 0, &mut view, 1200, &mut w);
+            let (_, b) = h.build(tick, ack, 0, &mut view, 1200, &mut sc);
             assert_eq!(b.baseline, 0, "tick {tick} ack {ack}");
         }
     }
@@ -355,24 +378,24 @@ mod tests {
     #[test]
     fn history_keeps_snapshots_from_the_acknowledged_one_on() {
         let mut h = ViewerHistory::default();
-        let mut w = SnapshotWriter::default();
+        let mut sc = Scratch::default();
         let mut view = vec![ent(1, 1), ent(2, 2)];
         // A client two ticks behind: the server holds the acknowledged snapshot and the two
         // since, never more.
         for tick in 1..=40u32 {
             let ack = tick.saturating_sub(2);
-            let (_, b) = h.build(tick, ack, 0, &mut view, 1200, &mut w);
+            let (_, b) = h.build(tick, ack, 0, &mut view, 1200, &mut sc);
             assert_eq!(b.baseline, if tick > 2 { ack } else { 0 }, "tick {tick}");
             assert!(h.held() <= 3, "tick {tick}: {} held", h.held());
         }
         // A client that never acknowledges: at most HISTORY snapshots.
         let mut h = ViewerHistory::default();
         for tick in 1..=40u32 {
-            h.build(tick, 0, 0, &mut view, 1200, &mut w);
+            h.build(tick, 0, 0, &mut view, 1200, &mut sc);
         }
         assert_eq!(h.held(), HISTORY);
         // Its first acknowledgement, of a snapshot still held, gives a delta.
-        let (_, b) = h.build(41, 30, 0, &mut view, 1200, &mut w);
+        let (_, b) = h.build(41, 30, 0, &mut view, 1200, &mut sc);
         assert_eq!((b.baseline, h.held()), (30, 12));
     }
 }

@@ -71,6 +71,7 @@ mod spaces;
 #[cfg(fuzzing)]
 pub use spaces::Retransmits;
 #[cfg(not(fuzzing))]
+use assembler::Assembler;
 use spaces::Retransmits;
 use spaces::{PacketNumberFilter, PacketSpace, SendableFrames, SentPacket, ThinRetransmits};
 
@@ -2189,14 +2190,9 @@ impl Connection {
             "already reached packet space {space:?}"
         );
         trace!("{:?} keys ready", space);
-        if space == SpaceId::Data {
-            // Precompute the first key update
-            self.next_crypto = Some(
-                self.crypto
-                    .next_1rtt_keys()
-                    .expect("handshake should be complete"),
-            );
-        }
+        // tickshard: the keys of the next key phase are derived when first needed (a packet in
+        // the other key phase, or our own key update), not here: most connections never
+        // update keys, and the keys are about 1.1 KB (PATCHES.md, change 2).
 
         self.spaces[space].crypto = Some(crypto);
         debug_assert!(space as usize > self.highest_space as usize);
@@ -2218,6 +2214,11 @@ impl Connection {
         }
         let space = &mut self.spaces[space_id];
         space.crypto = None;
+        // tickshard: nothing of a discarded space is read or sent again; free its buffers
+        // (received handshake data, queued retransmissions) instead of holding them for the
+        // connection's life (PATCHES.md, change 2).
+        space.crypto_stream = Assembler::new();
+        space.pending = Retransmits::default();
         space.time_of_last_ack_eliciting_packet = None;
         space.loss_time = None;
         let sent_packets = mem::take(&mut space.sent_packets);
@@ -3538,6 +3539,13 @@ impl Connection {
         now: Instant,
         packet: &mut Packet,
     ) -> Result<Option<u64>, Option<TransportError>> {
+        if packet.header.is_short()
+            && packet.header.key_phase() != self.key_phase
+            && self.next_crypto.is_none()
+            && self.spaces[SpaceId::Data].crypto.is_some()
+        {
+            self.next_crypto = self.crypto.next_1rtt_keys();
+        }
         let result = packet_crypto::decrypt_packet_body(
             packet,
             &self.spaces,
@@ -3570,6 +3578,9 @@ impl Connection {
 
     fn update_keys(&mut self, end_packet: Option<(u64, Instant)>, remote: bool) {
         trace!("executing key update");
+        if self.next_crypto.is_none() {
+            self.next_crypto = self.crypto.next_1rtt_keys();
+        }
         // Generate keys for the key phase after the one we're switching to, store them in
         // `next_crypto`, make the contents of `next_crypto` current, and move the current keys into
         // `prev_crypto`.
@@ -3645,6 +3656,24 @@ impl Connection {
         .ok()?;
 
         Some(packet.payload.to_vec())
+    }
+
+    /// tickshard: whether the next key phase's keys are held, and whether a discarded space
+    /// (Initial or Handshake) still holds received crypto data or queued retransmissions.
+    #[cfg(test)]
+    pub(crate) fn retained_handshake_state(&self) -> (bool, bool) {
+        let spaces = [SpaceId::Initial, SpaceId::Handshake].map(|id| &self.spaces[id]);
+        let discarded_buffers = spaces.iter().any(|s| {
+            s.crypto.is_none()
+                && (!s.pending.is_empty(&self.streams) || s.crypto_stream.bytes_read() != 0)
+        });
+        (self.next_crypto.is_some(), discarded_buffers)
+    }
+
+    /// tickshard: the current key phase bit.
+    #[cfg(test)]
+    pub(crate) fn current_key_phase(&self) -> bool {
+        self.key_phase
     }
 
     /// The number of bytes of packets containing retransmittable frames that have not been

@@ -1366,6 +1366,45 @@ fn data_blocked_retransmit() {
     );
 }
 
+/// tickshard (PATCHES.md, change 2): after the handshake neither side holds the next key
+/// phase's keys nor the buffers of the discarded Initial and Handshake spaces; a key update
+/// still works both ways (it derives them when needed).
+#[test]
+fn handshake_state_is_freed_and_next_keys_are_lazy() {
+    let _guard = subscribe();
+    let mut pair = Pair::default();
+    let (client_ch, server_ch) = pair.connect();
+    pair.drive();
+    for state in [
+        pair.client_conn_mut(client_ch).retained_handshake_state(),
+        pair.server_conn_mut(server_ch).retained_handshake_state(),
+    ] {
+        assert_eq!(
+            state,
+            (false, false),
+            "(next keys, discarded-space buffers) held after the handshake"
+        );
+    }
+    for initiator_is_client in [true, false, true] {
+        let conn = if initiator_is_client {
+            pair.client_conn_mut(client_ch)
+        } else {
+            pair.server_conn_mut(server_ch)
+        };
+        conn.force_key_update();
+        assert!(conn.retained_handshake_state().0, "the key update derived the next keys");
+        pair.client_conn_mut(client_ch).ping();
+        pair.server_conn_mut(server_ch).ping();
+        pair.drive();
+        assert!(!pair.client_conn_mut(client_ch).is_closed());
+        assert!(!pair.server_conn_mut(server_ch).is_closed());
+        assert_eq!(
+            pair.client_conn_mut(client_ch).current_key_phase(),
+            pair.server_conn_mut(server_ch).current_key_phase()
+        );
+    }
+}
+
 #[test]
 fn key_update_simple() {
     let _guard = subscribe();
