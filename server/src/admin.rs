@@ -1003,6 +1003,20 @@ pub fn render_metrics(
     }
     family(
         &mut out,
+        "tickshard_udp_send_calls_total",
+        "counter",
+        "Send system calls; each gives the kernel a batch of datagrams.",
+    );
+    for r in &shards {
+        let _ = writeln!(
+            out,
+            "tickshard_udp_send_calls_total{{{}}} {}",
+            label(r),
+            r.counters.udp_send_calls
+        );
+    }
+    family(
+        &mut out,
         "tickshard_bytes_total",
         "counter",
         "UDP bytes by direction.",

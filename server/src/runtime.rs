@@ -606,32 +606,51 @@ struct Io {
     socket: UdpSocket,
     state: UdpSocketState,
     send_buf: Vec<u8>,
+    /// Datagrams of the current pass, sent together.
+    batch: net::SendBatch,
     mesh: Option<Senders<ShardMsg>>,
     /// Messages waiting for room in a peer's channel, per peer, in order.
     mesh_backlog: Vec<VecDeque<ShardMsg>>,
 }
 
 impl Io {
-    /// Sends everything the core has queued: datagrams, then mesh messages.
+    /// Sends everything the core has queued: datagrams (gathered, then given to the kernel
+    /// with `sendmmsg`), then mesh messages.
     fn flush(&mut self, core: &mut ShardCore) {
         let now = Instant::now();
         while let Some(t) = core.poll_transmit(now, &mut self.send_buf) {
-            let tx = quinn_udp::Transmit {
-                destination: t.destination,
-                ecn: t
-                    .ecn
-                    .and_then(|e| quinn_udp::EcnCodepoint::from_bits(e as u8)),
-                contents: &self.send_buf[..t.size],
-                segment_size: t.segment_size,
-                src_ip: t.src_ip,
-            };
-            if self
-                .state
-                .send(UdpSockRef::from(&self.socket), &tx)
-                .is_err()
-            {
-                core.counters_mut().udp_send_errors += 1;
+            let contents = &self.send_buf[..t.size];
+            match t.segment_size {
+                // A GSO batch (the core asks quinn for one datagram at a time, so this is
+                // not expected): quinn-udp knows how to send it.
+                Some(seg) if seg < t.size => {
+                    let tx = quinn_udp::Transmit {
+                        destination: t.destination,
+                        ecn: t
+                            .ecn
+                            .and_then(|e| quinn_udp::EcnCodepoint::from_bits(e as u8)),
+                        contents,
+                        segment_size: Some(seg),
+                        src_ip: t.src_ip,
+                    };
+                    let failed = self
+                        .state
+                        .send(UdpSockRef::from(&self.socket), &tx)
+                        .is_err();
+                    let c = core.counters_mut();
+                    c.udp_send_calls += 1;
+                    c.udp_send_errors += failed as u64;
+                }
+                _ => self
+                    .batch
+                    .push(contents, t.destination, t.ecn.map(|e| e as u8), t.src_ip),
             }
+        }
+        if !self.batch.is_empty() {
+            let f = self.batch.flush(&self.socket);
+            let c = core.counters_mut();
+            c.udp_send_errors += f.errors;
+            c.udp_send_calls += f.calls;
         }
         let Some(mesh) = &self.mesh else {
             while core.poll_shard_message().is_some() {}
@@ -733,6 +752,7 @@ async fn run_shard(
             socket,
             state,
             send_buf: Vec::with_capacity(64 * 1024),
+            batch: net::SendBatch::default(),
             mesh: senders,
             mesh_backlog: (0..peers_n).map(|_| VecDeque::new()).collect(),
         }),

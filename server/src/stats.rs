@@ -81,6 +81,8 @@ pub struct Counters {
     pub udp_bytes_out: u64,
     /// UDP sends that failed (buffer full or error).
     pub udp_send_errors: u64,
+    /// Send system calls (`sendmmsg` batches): `udp_out / udp_send_calls` datagrams each.
+    pub udp_send_calls: u64,
     /// Connections accepted.
     pub handshakes: u64,
     /// Connections refused (full or draining).

@@ -231,6 +231,9 @@ pub fn server_config(
         .ack_frequency_config(Some(ack_frequency(settings.tick_period)));
     config.transport_config(Arc::new(transport));
     config.migration(true);
+    // A shard holds thousands of connections: rustls's handshake state (about 4 KB each) is
+    // freed once the handshake is confirmed (vendored quinn-proto, PATCHES.md change 3).
+    config.release_tls_after_handshake(true);
     Ok(Arc::new(config))
 }
 

@@ -91,6 +91,13 @@ pub trait Session: Send + Sync + 'static {
         label: &[u8],
         context: &[u8],
     ) -> Result<(), ExportKeyingMaterialError>;
+
+    /// tickshard: called on a server once its handshake is confirmed and every handshake
+    /// message has been taken with [`Session::write_handshake`]. A session may free its
+    /// handshake state then (PATCHES.md, change 3); afterwards `handshake_data` and
+    /// `peer_identity` still answer, handshake data from the peer is a protocol violation,
+    /// and exporting keying material fails. The default keeps everything.
+    fn release_after_handshake(&mut self) {}
 }
 
 /// A pair of keys for bidirectional communication

@@ -226,6 +226,10 @@ pub struct ServerConfig {
     pub(crate) incoming_buffer_size_total: u64,
 
     pub(crate) time_source: Arc<dyn TimeSource>,
+
+    /// tickshard: free each connection's TLS state once its handshake is confirmed
+    /// (PATCHES.md, change 3).
+    pub(crate) release_tls_after_handshake: bool,
 }
 
 impl ServerConfig {
@@ -253,7 +257,20 @@ impl ServerConfig {
             incoming_buffer_size_total: 100 << 20,
 
             time_source: Arc::new(StdSystemTime),
+
+            release_tls_after_handshake: false,
         }
+    }
+
+    /// tickshard: whether each connection frees its TLS session state (rustls's handshake
+    /// state machine, buffers and transcript) once the handshake is confirmed, keeping only
+    /// the secrets of future key updates. Saves a few kilobytes per connection for servers
+    /// with many connections; afterwards
+    /// [`crypto::Session::export_keying_material`] fails on the server side, while
+    /// `handshake_data` and `peer_identity` still answer. Defaults to `false`.
+    pub fn release_tls_after_handshake(&mut self, value: bool) -> &mut Self {
+        self.release_tls_after_handshake = value;
+        self
     }
 
     /// Set a custom [`TransportConfig`]

@@ -2611,6 +2611,14 @@ impl Connection {
                     // Server-only
                     self.spaces[SpaceId::Data].pending.handshake_done = true;
                     self.discard_space(now, SpaceId::Handshake);
+                    // tickshard: the handshake's messages (session tickets included) were
+                    // taken by `write_crypto` while this packet was read; the TLS state is
+                    // not needed again (PATCHES.md, change 3).
+                    if let ConnectionSide::Server { server_config } = &self.side {
+                        if server_config.release_tls_after_handshake {
+                            self.crypto.release_after_handshake();
+                        }
+                    }
                 }
 
                 self.events.push_back(Event::Connected);

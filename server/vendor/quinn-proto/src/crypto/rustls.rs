@@ -39,16 +39,24 @@ pub struct TlsSession {
     version: Version,
     got_handshake_data: bool,
     next_secrets: Option<Secrets>,
-    inner: Connection,
+    /// tickshard: `None` once a server's handshake is over and its TLS state was released
+    /// (PATCHES.md, change 3); `released` then answers what is still asked.
+    inner: Option<Connection>,
+    released: Option<Box<Released>>,
+    side: Side,
     suite: Suite,
+}
+
+/// What a server session still answers once its TLS state is released.
+struct Released {
+    protocol: Option<Vec<u8>>,
+    server_name: Option<String>,
+    peer_certificates: Option<Vec<CertificateDer<'static>>>,
 }
 
 impl TlsSession {
     fn side(&self) -> Side {
-        match self.inner {
-            Connection::Client(_) => Side::Client,
-            Connection::Server(_) => Side::Server,
-        }
+        self.side
     }
 }
 
@@ -61,15 +69,23 @@ impl crypto::Session for TlsSession {
         if !self.got_handshake_data {
             return None;
         }
+        let Some(inner) = &self.inner else {
+            let r = self.released.as_ref()?;
+            return Some(Box::new(HandshakeData {
+                protocol: r.protocol.clone(),
+                server_name: r.server_name.clone(),
+                #[cfg(feature = "__rustls-post-quantum-test")]
+                negotiated_key_exchange_group: "released",
+            }));
+        };
         Some(Box::new(HandshakeData {
-            protocol: self.inner.alpn_protocol().map(|x| x.into()),
-            server_name: match self.inner {
+            protocol: inner.alpn_protocol().map(|x| x.into()),
+            server_name: match inner {
                 Connection::Client(_) => None,
-                Connection::Server(ref session) => session.server_name().map(|x| x.into()),
+                Connection::Server(session) => session.server_name().map(|x| x.into()),
             },
             #[cfg(feature = "__rustls-post-quantum-test")]
-            negotiated_key_exchange_group: self
-                .inner
+            negotiated_key_exchange_group: inner
                 .negotiated_key_exchange_group()
                 .expect("key exchange group is negotiated")
                 .name(),
@@ -78,7 +94,11 @@ impl crypto::Session for TlsSession {
 
     /// For the rustls `TlsSession`, the `Any` type is `Vec<rustls::pki_types::CertificateDer>`
     fn peer_identity(&self) -> Option<Box<dyn Any>> {
-        self.inner.peer_certificates().map(|v| -> Box<dyn Any> {
+        let Some(inner) = &self.inner else {
+            let certs = self.released.as_ref()?.peer_certificates.clone()?;
+            return Some(Box::new(certs));
+        };
+        inner.peer_certificates().map(|v| -> Box<dyn Any> {
             Box::new(
                 v.iter()
                     .map(|v| v.clone().into_owned())
@@ -88,24 +108,31 @@ impl crypto::Session for TlsSession {
     }
 
     fn early_crypto(&self) -> Option<(Box<dyn HeaderKey>, Box<dyn crypto::PacketKey>)> {
-        let keys = self.inner.zero_rtt_keys()?;
+        let keys = self.inner.as_ref()?.zero_rtt_keys()?;
         Some((Box::new(keys.header), Box::new(keys.packet)))
     }
 
     fn early_data_accepted(&self) -> Option<bool> {
         match self.inner {
-            Connection::Client(ref session) => Some(session.is_early_data_accepted()),
+            Some(Connection::Client(ref session)) => Some(session.is_early_data_accepted()),
             _ => None,
         }
     }
 
     fn is_handshaking(&self) -> bool {
-        self.inner.is_handshaking()
+        self.inner.as_ref().is_some_and(|i| i.is_handshaking())
     }
 
     fn read_handshake(&mut self, buf: &[u8]) -> Result<bool, TransportError> {
-        self.inner.read_hs(buf).map_err(|e| {
-            if let Some(alert) = self.inner.alert() {
+        let Some(inner) = &mut self.inner else {
+            // A QUIC client sends no TLS message after the handshake (RFC 9001 §4.1.2,
+            // §6: no KeyUpdate, no post-handshake authentication).
+            return Err(TransportError::PROTOCOL_VIOLATION(
+                "TLS handshake data after the handshake",
+            ));
+        };
+        inner.read_hs(buf).map_err(|e| {
+            if let Some(alert) = inner.alert() {
                 TransportError {
                     code: TransportErrorCode::crypto(alert.into()),
                     frame: None,
@@ -119,11 +146,11 @@ impl crypto::Session for TlsSession {
             // Hack around the lack of an explicit signal from rustls to reflect ClientHello being
             // ready on incoming connections, or ALPN negotiation completing on outgoing
             // connections.
-            let have_server_name = match self.inner {
+            let have_server_name = match inner {
                 Connection::Client(_) => false,
-                Connection::Server(ref session) => session.server_name().is_some(),
+                Connection::Server(session) => session.server_name().is_some(),
             };
-            if self.inner.alpn_protocol().is_some() || have_server_name || !self.is_handshaking() {
+            if inner.alpn_protocol().is_some() || have_server_name || !inner.is_handshaking() {
                 self.got_handshake_data = true;
                 return Ok(true);
             }
@@ -132,7 +159,10 @@ impl crypto::Session for TlsSession {
     }
 
     fn transport_parameters(&self) -> Result<Option<TransportParameters>, TransportError> {
-        match self.inner.quic_transport_parameters() {
+        let Some(inner) = &self.inner else {
+            return Ok(None);
+        };
+        match inner.quic_transport_parameters() {
             None => Ok(None),
             Some(buf) => match TransportParameters::read(self.side(), &mut io::Cursor::new(buf)) {
                 Ok(params) => Ok(Some(params)),
@@ -142,7 +172,7 @@ impl crypto::Session for TlsSession {
     }
 
     fn write_handshake(&mut self, buf: &mut Vec<u8>) -> Option<Keys> {
-        let keys = match self.inner.write_hs(buf)? {
+        let keys = match self.inner.as_mut()?.write_hs(buf)? {
             KeyChange::Handshake { keys } => keys,
             KeyChange::OneRtt { keys, next } => {
                 self.next_secrets = Some(next);
@@ -205,9 +235,30 @@ impl crypto::Session for TlsSession {
         context: &[u8],
     ) -> Result<(), ExportKeyingMaterialError> {
         self.inner
+            .as_ref()
+            .ok_or(ExportKeyingMaterialError)?
             .export_keying_material(output, label, Some(context))
             .map_err(|_| ExportKeyingMaterialError)?;
         Ok(())
+    }
+
+    fn release_after_handshake(&mut self) {
+        // Only a server's session, only once the handshake is over and everything rustls had
+        // to send (handshake messages, session tickets) has been taken.
+        let Some(Connection::Server(server)) = &self.inner else {
+            return;
+        };
+        if server.is_handshaking() {
+            return;
+        }
+        self.released = Some(Box::new(Released {
+            protocol: server.alpn_protocol().map(|x| x.into()),
+            server_name: server.server_name().map(|x| x.into()),
+            peer_certificates: server
+                .peer_certificates()
+                .map(|v| v.iter().map(|c| c.clone().into_owned()).collect()),
+        }));
+        self.inner = None;
     }
 }
 
@@ -365,7 +416,7 @@ impl crypto::ClientConfig for QuicClientConfig {
             version,
             got_handshake_data: false,
             next_secrets: None,
-            inner: rustls::quic::Connection::Client(
+            inner: Some(rustls::quic::Connection::Client(
                 rustls::quic::ClientConnection::new(
                     self.inner.clone(),
                     version,
@@ -375,7 +426,9 @@ impl crypto::ClientConfig for QuicClientConfig {
                     to_vec(params),
                 )
                 .unwrap(),
-            ),
+            )),
+            released: None,
+            side: Side::Client,
             suite: self.initial,
         }))
     }
@@ -521,10 +574,12 @@ impl crypto::ServerConfig for QuicServerConfig {
             version,
             got_handshake_data: false,
             next_secrets: None,
-            inner: rustls::quic::Connection::Server(
+            inner: Some(rustls::quic::Connection::Server(
                 rustls::quic::ServerConnection::new(self.inner.clone(), version, to_vec(params))
                     .unwrap(),
-            ),
+            )),
+            released: None,
+            side: Side::Server,
             suite: self.initial,
         })
     }

@@ -1406,6 +1406,65 @@ fn handshake_state_is_freed_and_next_keys_are_lazy() {
 }
 
 #[test]
+fn server_releases_tls_state_after_the_handshake_when_configured() {
+    let _guard = subscribe();
+    let mut server_config = ServerConfig::with_crypto(Arc::new(server_crypto_with_alpn(vec![
+        "foo".into(),
+    ])));
+    server_config.release_tls_after_handshake(true);
+    let mut pair = Pair::new(Default::default(), server_config);
+    let client_config = ClientConfig::new(Arc::new(client_crypto_with_alpn(vec!["foo".into()])));
+    let (client_ch, server_ch) = pair.connect_with(client_config);
+    pair.drive();
+    let mut out = [0u8; 32];
+    // The client keeps its TLS state; the server released its own.
+    assert!(pair
+        .client_conn_mut(client_ch)
+        .crypto_session()
+        .export_keying_material(&mut out, b"label", b"context")
+        .is_ok());
+    let server = pair.server_conn_mut(server_ch);
+    assert!(
+        server
+            .crypto_session()
+            .export_keying_material(&mut out, b"label", b"context")
+            .is_err(),
+        "the server's TLS state is still held"
+    );
+    assert!(!server.crypto_session().is_handshaking());
+    // What an application asks after the handshake is still answered.
+    let data = server
+        .crypto_session()
+        .handshake_data()
+        .unwrap()
+        .downcast::<crate::crypto::rustls::HandshakeData>()
+        .unwrap();
+    assert_eq!(data.protocol.as_deref(), Some(&b"foo"[..]));
+    assert_eq!(data.server_name.as_deref(), Some("localhost"));
+    // Key updates from either side, and a stream, still work.
+    for initiator_is_client in [true, false, true] {
+        if initiator_is_client {
+            pair.client_conn_mut(client_ch).force_key_update();
+        } else {
+            pair.server_conn_mut(server_ch).force_key_update();
+        }
+        pair.client_conn_mut(client_ch).ping();
+        pair.server_conn_mut(server_ch).ping();
+        pair.drive();
+        assert!(!pair.client_conn_mut(client_ch).is_closed());
+        assert!(!pair.server_conn_mut(server_ch).is_closed());
+        assert_eq!(
+            pair.client_conn_mut(client_ch).current_key_phase(),
+            pair.server_conn_mut(server_ch).current_key_phase()
+        );
+    }
+    let s = pair.client_streams(client_ch).open(Dir::Uni).unwrap();
+    pair.client_send(client_ch, s).write(b"after").unwrap();
+    pair.drive();
+    assert_matches!(pair.server_streams(server_ch).accept(Dir::Uni), Some(id) if id == s);
+}
+
+#[test]
 fn key_update_simple() {
     let _guard = subscribe();
     let mut pair = Pair::default();
