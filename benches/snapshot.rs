@@ -55,8 +55,14 @@ fn room_tick(c: &mut Criterion) {
                 let start = Instant::now();
                 let mut room = Room::new(RoomId::new(ShardId(0), 1), mode, 7, 1100, start);
                 for p in 0..players as u64 {
-                    room.join(PlayerId(p + 1), Route::Local(p as usize))
-                        .unwrap();
+                    room.join(
+                        PlayerId(p + 1),
+                        Route::Local(tickshard::ConnKey {
+                            slot: p as usize,
+                            generation: 1,
+                        }),
+                    )
+                    .unwrap();
                 }
                 let mut stats = TickStats::default();
                 let mut counters = Counters::default();

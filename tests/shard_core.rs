@@ -1076,3 +1076,63 @@ fn acknowledgements_ride_on_inputs_and_snapshots() {
         inn as f64 / player_ticks as f64
     );
 }
+
+/// The old player's seat goes when its session ends; were a seat to outlive its connection
+/// (held for a resume, or a bug), its route's generation check still keeps the new player out:
+/// with the seat left in place, this test passes with the check and fails without it (B then
+/// gets the old player's 90 snapshots).
+#[test]
+fn a_reused_connection_slot_gets_nothing_meant_for_its_last_player() {
+    let mut net = Net::new(NetConfig::default());
+    let (a, c) = (net.add_client(), net.add_client());
+    net.connect_all(Duration::from_secs(2));
+    join_all(&mut net);
+    let room = room_of(&net, a).unwrap();
+    assert_eq!(room_of(&net, c), Some(room));
+    let old = PlayerId(net.clients[a].client.player_id());
+    let old_key = net.shards[0].connection_of(old).unwrap();
+    // A vanishes: the idle timeout ends its session and frees its seat and its slot.
+    net.clients[a].cut = true;
+    net.run_for(Duration::from_secs(12));
+    assert_eq!(net.shards[0].connection_of(old), None);
+    assert_eq!(
+        net.shards[0].room(RoomId(room)).map(|r| r.players()),
+        Some(1)
+    );
+    // B connects and takes the slot (quinn reuses it), but not the old player's place.
+    let b = net.add_client();
+    net.connect_all(Duration::from_secs(2));
+    let new = PlayerId(net.clients[b].client.player_id());
+    assert_ne!(new, old);
+    let new_key = net.shards[0].connection_of(new).unwrap();
+    assert_eq!(new_key.slot, old_key.slot, "the test needs the slot reused");
+    assert_ne!(new_key.generation, old_key.generation);
+    // The room plays on, with chat and events: none of it may reach B.
+    net.clients[c].client.chat("still here?");
+    net.play(90, |i, t| {
+        (i == c).then_some((10, 0, (t % 10 == 0) as u8, 0))
+    });
+    assert_eq!(net.snapshots(b), 0, "B got the old player's snapshots");
+    let leaked: Vec<_> = net
+        .events(b)
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                ClientEvent::Joined { .. }
+                    | ClientEvent::Chat { .. }
+                    | ClientEvent::GameEvent { .. }
+                    | ClientEvent::Left { .. }
+            )
+        })
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "B got the old player's messages: {leaked:?}"
+    );
+    assert!(
+        net.snapshots(c) >= 85,
+        "the room played on: {}",
+        net.snapshots(c)
+    );
+}

@@ -23,6 +23,18 @@ pub struct Tick(pub u32);
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EntityId(pub u32);
 
+/// A connection on one shard, as the rest of the shard refers to it: its slot in the
+/// shard's connection table and the generation it was accepted in. Slots are reused; a key is
+/// not. A key kept after its connection is gone (a room's seat, a routing table) finds nothing,
+/// even when the slot holds another player's connection.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    /// Index into the shard's connection table (quinn's connection handle).
+    pub slot: usize,
+    /// Which connection in that slot: unique per shard for the process's life.
+    pub generation: u64,
+}
+
 const SHARD_SHIFT: u32 = 48;
 
 impl PlayerId {

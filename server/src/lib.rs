@@ -51,7 +51,7 @@ pub mod tls;
 pub mod watchdog;
 
 pub use game::{Game, ModeSpec};
-pub use ids::{EntityId, PlayerId, RoomId, ShardId, Tick};
+pub use ids::{ConnKey, EntityId, PlayerId, RoomId, ShardId, Tick};
 pub use shard::{ShardConfig, ShardCore};
 
 /// The built-in modes: `arena` with the given room capacity and tick rate.

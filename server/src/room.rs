@@ -29,7 +29,7 @@
 //! counted. The game therefore never sees more than the tick rate's worth of movement.
 
 use crate::game::{Game, GameEvent, GameSetup, ModeSpec, PlayerInput, PlayerResult, ViewEntity};
-use crate::ids::{EntityId, PlayerId, RoomId, ShardId, Tick};
+use crate::ids::{ConnKey, EntityId, PlayerId, RoomId, ShardId, Tick};
 use crate::snapshot::{Scratch, ViewerHistory};
 use crate::stats::{record, Counters, Phase, TickStats};
 use std::collections::{HashMap, VecDeque};
@@ -45,8 +45,9 @@ pub const INPUT_BURST: u32 = 4;
 /// Where a seat's player is connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
-    /// On this shard, connection slot `usize`.
-    Local(usize),
+    /// On this shard: the player's connection, checked on every use (a key whose connection
+    /// has gone reaches nobody).
+    Local(ConnKey),
     /// On another shard; outputs go through the mesh.
     Remote(ShardId),
 }
@@ -449,7 +450,14 @@ mod tests {
         let start = Instant::now();
         let mut r = room(start);
         let p = PlayerId(1);
-        r.join(p, Route::Local(0)).unwrap();
+        r.join(
+            p,
+            Route::Local(ConnKey {
+                slot: 0,
+                generation: 1,
+            }),
+        )
+        .unwrap();
         let mut counters = Counters::default();
         // 24 fresh commands at once (three datagrams of eight), then the same again (stale).
         for d in 0..3u32 {

@@ -26,7 +26,7 @@
 
 use crate::cid::ShardCidGenerator;
 use crate::game::{ModeSpec, Standing};
-use crate::ids::{PlayerId, RoomId, ShardId, Tick};
+use crate::ids::{ConnKey, PlayerId, RoomId, ShardId, Tick};
 use crate::mesh::{JoinedInfo, RoomSummary, ShardMsg};
 use crate::ops::{Command, CommandError, DrainState, RoomEnd, RoomResult, ShardReport};
 use crate::room::{JoinError, Room, RoomOutput, Route};
@@ -143,7 +143,8 @@ struct Session {
 }
 
 struct Conn {
-    serial: u64,
+    /// Which connection this is, of all that used its slot (see [`ConnKey`]).
+    generation: u64,
     conn: quinn_proto::Connection,
     timer: Option<Instant>,
     dirty: bool,
@@ -175,8 +176,9 @@ pub struct ShardCore {
     /// Connections by quinn's handle. Boxed: a `Conn` is over 6 KB (quinn's `Connection`), and
     /// a slab of them inline would reserve up to twice the live connections' memory as it grows.
     conns: Vec<Option<Box<Conn>>>,
-    next_serial: u64,
-    players: HashMap<PlayerId, usize>,
+    next_generation: u64,
+    /// Welcomed players and their connections.
+    players: HashMap<PlayerId, ConnKey>,
     next_player: u64,
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     dirty: Vec<usize>,
@@ -230,7 +232,7 @@ impl ShardCore {
             modes,
             endpoint,
             conns: Vec::new(),
-            next_serial: 0,
+            next_generation: 0,
             players: HashMap::new(),
             next_player: 1,
             timers: BinaryHeap::new(),
@@ -293,6 +295,11 @@ impl ShardCore {
     /// Players connected to this shard (welcomed sessions).
     pub fn players(&self) -> usize {
         self.players.len()
+    }
+    /// The connection of a welcomed player on this shard, if it is still open.
+    pub fn connection_of(&self, player: PlayerId) -> Option<ConnKey> {
+        let key = *self.players.get(&player)?;
+        self.live(key).map(|_| key)
     }
     /// Rooms hosted here.
     pub fn rooms(&self) -> Vec<RoomInfo> {
@@ -404,7 +411,7 @@ impl ShardCore {
 
     /// Runs connection timers and housekeeping due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
-        while let Some(&Reverse((t, ch, serial))) = self.timers.peek() {
+        while let Some(&Reverse((t, ch, generation))) = self.timers.peek() {
             if t > now {
                 break;
             }
@@ -412,7 +419,7 @@ impl ShardCore {
             let Some(c) = self.conns.get_mut(ch).and_then(Option::as_mut) else {
                 continue;
             };
-            if c.serial != serial || c.timer != Some(t) {
+            if c.generation != generation || c.timer != Some(t) {
                 continue;
             }
             c.timer = None;
@@ -433,11 +440,16 @@ impl ShardCore {
             let mut send_errors = 0u64;
             let mut sink = |o: RoomOutput<'_>| match o {
                 RoomOutput::Snapshot {
-                    route: Route::Local(ch),
+                    route: Route::Local(key),
                     bytes,
                     ..
                 } => {
-                    if let Some(c) = conns.get_mut(ch).and_then(Option::as_mut) {
+                    let ch = key.slot;
+                    if let Some(c) = conns
+                        .get_mut(ch)
+                        .and_then(Option::as_mut)
+                        .filter(|c| c.generation == key.generation)
+                    {
                         // A newer snapshot supersedes older ones: if the send buffer is full,
                         // quinn drops the oldest (`drop = true`).
                         if c.conn
@@ -547,7 +559,7 @@ impl ShardCore {
                 }
             }
             ShardMsg::Snapshot { player, bytes } => {
-                if let Some(&ch) = self.players.get(&player) {
+                if let Some(ch) = self.local_player(player) {
                     if let Some(c) = self.conns[ch].as_mut() {
                         if c.conn.datagrams().send(bytes, true).is_err() {
                             self.counters.datagram_send_errors += 1;
@@ -557,7 +569,7 @@ impl ShardCore {
                 }
             }
             ShardMsg::Control { player, msg } => {
-                if let Some(&ch) = self.players.get(&player) {
+                if let Some(ch) = self.local_player(player) {
                     if let ControlMsg::Left { room_id, .. } = &msg {
                         if let Some(c) = self.conns[ch].as_mut() {
                             if c.session.seat == Seat::In(RoomId(*room_id)) {
@@ -613,9 +625,9 @@ impl ShardCore {
     /// When [`ShardCore::handle_timeout`] must next be called.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
         // Drop stale heap entries so the top is a live timer.
-        while let Some(&Reverse((t, ch, serial))) = self.timers.peek() {
+        while let Some(&Reverse((t, ch, generation))) = self.timers.peek() {
             match self.conns.get(ch).and_then(Option::as_ref) {
-                Some(c) if c.serial == serial && c.timer == Some(t) => break,
+                Some(c) if c.generation == generation && c.timer == Some(t) => break,
                 _ => {
                     self.timers.pop();
                 }
@@ -661,9 +673,8 @@ impl ShardCore {
                 Ok(())
             }
             Command::Kick { player, reason } => {
-                let &ch = self
-                    .players
-                    .get(&player)
+                let ch = self
+                    .local_player(player)
                     .ok_or(CommandError::PlayerNotFound)?;
                 info!(shard = self.config.shard.0, %player, reason, "kicking player");
                 self.close(ch, now, codes::KICKED, &reason);
@@ -716,9 +727,9 @@ impl ShardCore {
         }
         let player = PlayerId::new(self.config.shard, self.next_player);
         self.next_player += 1;
-        self.next_serial += 1;
+        self.next_generation += 1;
         self.conns[ch.0] = Some(Box::new(Conn {
-            serial: self.next_serial,
+            generation: self.next_generation,
             conn,
             timer: None,
             dirty: false,
@@ -736,6 +747,27 @@ impl ShardCore {
                 malformed: 0,
             },
         }));
+    }
+
+    /// The key of the connection in slot `ch` (which must hold one).
+    fn key(&self, ch: usize) -> ConnKey {
+        ConnKey {
+            slot: ch,
+            generation: self.conns[ch].as_ref().map_or(0, |c| c.generation),
+        }
+    }
+
+    /// The slot of the connection `key` names, if that connection is still there.
+    fn live(&self, key: ConnKey) -> Option<usize> {
+        match self.conns.get(key.slot).and_then(Option::as_ref) {
+            Some(c) if c.generation == key.generation => Some(key.slot),
+            _ => None,
+        }
+    }
+
+    /// The slot of a welcomed player's connection on this shard.
+    fn local_player(&self, player: PlayerId) -> Option<usize> {
+        self.live(*self.players.get(&player)?)
     }
 
     fn mark_dirty(&mut self, ch: usize) {
@@ -766,7 +798,7 @@ impl ShardCore {
         if t != c.timer {
             c.timer = t;
             if let Some(t) = t {
-                self.timers.push(Reverse((t, ch, c.serial)));
+                self.timers.push(Reverse((t, ch, c.generation)));
             }
         }
     }
@@ -776,7 +808,11 @@ impl ShardCore {
             self.retired_quic.add(&c.conn.stats());
             // The endpoint learns of the drain through the connection's endpoint events,
             // already delivered in `drive`.
-            if self.players.get(&c.session.player) == Some(&ch) {
+            let key = ConnKey {
+                slot: ch,
+                generation: c.generation,
+            };
+            if self.players.get(&c.session.player) == Some(&key) {
                 self.players.remove(&c.session.player);
             }
         }
@@ -993,7 +1029,11 @@ impl ShardCore {
                     );
                 }
                 c.session.phase = Phase::Ready;
-                self.players.insert(player, ch);
+                let key = ConnKey {
+                    slot: ch,
+                    generation: c.generation,
+                };
+                self.players.insert(player, key);
                 self.counters.sessions += 1;
                 let welcome = ControlMsg::Welcome {
                     player_id: player.0,
@@ -1059,7 +1099,7 @@ impl ShardCore {
         if room_id != 0 {
             let room = RoomId(room_id);
             if room.shard() == self.config.shard {
-                match self.seat_here(player, Route::Local(ch), room) {
+                match self.seat_here(player, Route::Local(self.key(ch)), room) {
                     Ok(joined) => {
                         self.conns[ch].as_mut().expect("checked above").session.seat =
                             Seat::In(room);
@@ -1135,7 +1175,7 @@ impl ShardCore {
     }
 
     fn quick_join_local(&mut self, ch: usize, player: PlayerId, room: RoomId, now: Instant) {
-        match self.seat_here(player, Route::Local(ch), room) {
+        match self.seat_here(player, Route::Local(self.key(ch)), room) {
             Ok(joined) => {
                 if let Some(c) = self.conns[ch].as_mut() {
                     c.session.seat = Seat::In(room);
@@ -1147,7 +1187,7 @@ impl ShardCore {
     }
 
     fn on_join_reply(&mut self, now: Instant, player: PlayerId, result: Result<JoinedInfo, u16>) {
-        let Some(&ch) = self.players.get(&player) else {
+        let Some(ch) = self.local_player(player) else {
             // The player disconnected meanwhile: give the seat back.
             if let Ok(info) = result {
                 self.outbox
@@ -1317,7 +1357,11 @@ impl ShardCore {
 
     fn send_to_player(&mut self, route: Route, player: PlayerId, msg: &ControlMsg, now: Instant) {
         match route {
-            Route::Local(ch) => self.send_control(ch, msg, now),
+            Route::Local(key) => {
+                if let Some(ch) = self.live(key) {
+                    self.send_control(ch, msg, now);
+                }
+            }
             Route::Remote(shard) => self.outbox.push_back((
                 shard,
                 ShardMsg::Control {
@@ -1334,12 +1378,16 @@ impl ShardCore {
         };
         c.session.phase = Phase::Closed;
         let player = c.session.player;
+        let key = ConnKey {
+            slot: ch,
+            generation: c.generation,
+        };
         match std::mem::replace(&mut c.session.seat, Seat::None) {
             Seat::In(room) => self.leave_room(player, room, now),
             // The reply will find no player and hand the seat back.
             Seat::Joining { .. } | Seat::None => {}
         }
-        if self.players.get(&player) == Some(&ch) {
+        if self.players.get(&player) == Some(&key) {
             self.players.remove(&player);
         }
     }
@@ -1541,8 +1589,8 @@ impl ShardCore {
         };
         for (player, route) in members {
             match route {
-                Route::Local(ch) => {
-                    if let Some(c) = self.conns.get_mut(ch).and_then(Option::as_mut) {
+                Route::Local(key) => {
+                    if let Some(c) = self.live(key).and_then(|ch| self.conns[ch].as_mut()) {
                         if c.session.seat == Seat::In(room_id) {
                             c.session.seat = Seat::None;
                         }
