@@ -14,8 +14,14 @@
 //!   due tick runs before the next pass.
 //! - **mesh** (throughput queue): one task per peer shard, delivering its messages.
 //!
+//! Every task drives the core the same way, the one way the core documents: an input
+//! (`handle_datagram`, `handle_shard_message`, or `handle_due` for whatever fell due), then
+//! `Io::flush`, which takes every output through [`ShardCore::poll_outputs`] (datagrams into
+//! one `sendmmsg` batch, mesh messages, ended rooms' results to the supervisor) and learns
+//! when the core must next run. The test harness drives the core through the same two calls.
+//!
 //! The tick task also does the shard's operator work every [`HOUSEKEEPING_INTERVAL`]: it
-//! carries out queued admin commands, hands ended rooms' results to the supervisor, and every
+//! carries out queued admin commands, and every
 //! [`REPORT_INTERVAL`] publishes a [`ShardReport`] into the shard's slot of the [`Hub`]. So the
 //! per-packet and per-tick paths take no lock and touch no atomic; the admin thread only ever
 //! reads the last report.
@@ -37,7 +43,7 @@ use crate::mesh::ShardMsg;
 use crate::net::{self, Steering};
 use crate::ops::{Command, RoomResult, ShardReport};
 use crate::shard::HOUSEKEEPING_INTERVAL;
-use crate::shard::{ShardConfig, ShardCore};
+use crate::shard::{Outputs, ShardConfig, ShardCore};
 use crate::stats::QuicStats;
 use crate::tls::{self, Identity, TransportSettings};
 use crate::watchdog::{Liveness, WatchEvent, Watchdog, WATCHDOG_BOUND};
@@ -572,13 +578,6 @@ impl OpsLink {
                 let _ = reply.try_send(r);
             }
         }
-        self.hand_over_results(core);
-    }
-
-    fn hand_over_results(&self, core: &mut ShardCore) {
-        while let Some(r) = core.poll_room_result() {
-            let _ = self.results.send(r);
-        }
     }
 
     fn publish(&self, core: &ShardCore) {
@@ -605,58 +604,37 @@ fn thread_cpu_seconds() -> f64 {
 struct Io {
     socket: UdpSocket,
     state: UdpSocketState,
-    send_buf: Vec<u8>,
     /// Datagrams of the current pass, sent together.
     batch: net::SendBatch,
+    /// Sends that went around the batch (GSO), counted until the flush ends.
+    unbatched: net::Flushed,
+    /// Where ended rooms' results go (the supervisor).
+    results: mpsc::Sender<RoomResult>,
     mesh: Option<Senders<ShardMsg>>,
     /// Messages waiting for room in a peer's channel, per peer, in order.
     mesh_backlog: Vec<VecDeque<ShardMsg>>,
 }
 
 impl Io {
-    /// Sends everything the core has queued: datagrams (gathered, then given to the kernel
-    /// with `sendmmsg`), then mesh messages.
-    fn flush(&mut self, core: &mut ShardCore) {
-        let now = Instant::now();
-        while let Some(t) = core.poll_transmit(now, &mut self.send_buf) {
-            let contents = &self.send_buf[..t.size];
-            match t.segment_size {
-                // A GSO batch (the core asks quinn for one datagram at a time, so this is
-                // not expected): quinn-udp knows how to send it.
-                Some(seg) if seg < t.size => {
-                    let tx = quinn_udp::Transmit {
-                        destination: t.destination,
-                        ecn: t
-                            .ecn
-                            .and_then(|e| quinn_udp::EcnCodepoint::from_bits(e as u8)),
-                        contents,
-                        segment_size: Some(seg),
-                        src_ip: t.src_ip,
-                    };
-                    let failed = self
-                        .state
-                        .send(UdpSockRef::from(&self.socket), &tx)
-                        .is_err();
-                    let c = core.counters_mut();
-                    c.udp_send_calls += 1;
-                    c.udp_send_errors += failed as u64;
-                }
-                _ => self
-                    .batch
-                    .push(contents, t.destination, t.ecn.map(|e| e as u8), t.src_ip),
-            }
-        }
-        if !self.batch.is_empty() {
-            let f = self.batch.flush(&self.socket);
-            let c = core.counters_mut();
-            c.udp_send_errors += f.errors;
-            c.udp_send_calls += f.calls;
-        }
-        let Some(mesh) = &self.mesh else {
-            while core.poll_shard_message().is_some() {}
-            return;
-        };
-        // Keep each peer's messages in order: a message never overtakes one still waiting.
+    /// Sends everything the core has queued (datagrams gathered, then given to the kernel with
+    /// `sendmmsg`; mesh messages; room results to the supervisor). Returns when the core must
+    /// next run [`ShardCore::handle_due`].
+    fn flush(&mut self, core: &mut ShardCore) -> Instant {
+        self.retry_mesh_backlog();
+        let wake = core.poll_outputs(Instant::now(), self);
+        let mut f = self.batch.flush(&self.socket);
+        f.errors += std::mem::take(&mut self.unbatched.errors);
+        f.calls += std::mem::take(&mut self.unbatched.calls);
+        let c = core.counters_mut();
+        c.udp_send_errors += f.errors;
+        c.udp_send_calls += f.calls;
+        wake
+    }
+
+    /// Sends what waited for room in a peer's channel, in order: a message never overtakes one
+    /// still waiting.
+    fn retry_mesh_backlog(&mut self) {
+        let Some(mesh) = &self.mesh else { return };
         for (peer, backlog) in self.mesh_backlog.iter_mut().enumerate() {
             while let Some(msg) = backlog.pop_front() {
                 if let Err(e) = mesh.try_send_to(peer, msg) {
@@ -673,23 +651,59 @@ impl Io {
                 }
             }
         }
-        while let Some((to, msg)) = core.poll_shard_message() {
-            let peer = to.0 as usize;
-            let Some(backlog) = self.mesh_backlog.get_mut(peer) else {
-                continue;
-            };
-            if !backlog.is_empty() {
-                backlog.push_back(msg);
-                continue;
+    }
+}
+
+impl Outputs for Io {
+    fn transmit(&mut self, t: &quinn_proto::Transmit, contents: &[u8]) {
+        match t.segment_size {
+            // A GSO batch (the core asks quinn for one datagram at a time, so this is not
+            // expected): quinn-udp knows how to send it.
+            Some(seg) if seg < t.size => {
+                let tx = quinn_udp::Transmit {
+                    destination: t.destination,
+                    ecn: t
+                        .ecn
+                        .and_then(|e| quinn_udp::EcnCodepoint::from_bits(e as u8)),
+                    contents,
+                    segment_size: Some(seg),
+                    src_ip: t.src_ip,
+                };
+                let failed = self
+                    .state
+                    .send(UdpSockRef::from(&self.socket), &tx)
+                    .is_err();
+                self.unbatched.calls += 1;
+                self.unbatched.errors += failed as u64;
             }
-            match mesh.try_send_to(peer, msg) {
-                Ok(()) => {}
-                Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(m))) => {
-                    backlog.push_back(m)
-                }
-                Err(e) => warn!(peer, error = %e, "shard mesh send failed"),
-            }
+            _ => self
+                .batch
+                .push(contents, t.destination, t.ecn.map(|e| e as u8), t.src_ip),
         }
+    }
+
+    fn shard_message(&mut self, to: ShardId, msg: ShardMsg) {
+        // With one shard there is no mesh, and nothing is addressed to another shard.
+        let Some(mesh) = &self.mesh else { return };
+        let peer = to.0 as usize;
+        let Some(backlog) = self.mesh_backlog.get_mut(peer) else {
+            return;
+        };
+        if !backlog.is_empty() {
+            backlog.push_back(msg);
+            return;
+        }
+        match mesh.try_send_to(peer, msg) {
+            Ok(()) => {}
+            Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(m))) => {
+                backlog.push_back(m)
+            }
+            Err(e) => warn!(peer, error = %e, "shard mesh send failed"),
+        }
+    }
+
+    fn room_result(&mut self, result: RoomResult) {
+        let _ = self.results.send(result);
     }
 }
 
@@ -751,8 +765,9 @@ async fn run_shard(
         io: RefCell::new(Io {
             socket,
             state,
-            send_buf: Vec::with_capacity(64 * 1024),
             batch: net::SendBatch::default(),
+            unbatched: net::Flushed::default(),
+            results: link.results.clone(),
             mesh: senders,
             mesh_backlog: (0..peers_n).map(|_| VecDeque::new()).collect(),
         }),
@@ -839,8 +854,8 @@ async fn run_shard(
                         // an earlier version that yielded here spun until the executor's
                         // 100 ms preemption timer.
                         let now = Instant::now();
-                        if core.next_tick(now) <= now {
-                            core.handle_tick(now);
+                        if core.next_due(now) <= now {
+                            core.handle_due(now);
                             drop(core);
                             sh.flush();
                         }
@@ -866,10 +881,7 @@ async fn run_shard(
             let mut next_report = Instant::now();
             loop {
                 let now = Instant::now();
-                let mut wake = sh.core.borrow().next_tick(now);
-                if let Some(t) = sh.core.borrow_mut().poll_timeout() {
-                    wake = wake.min(t);
-                }
+                let wake = sh.core.borrow_mut().next_due(now);
                 sh.timer_armed.set(Some(wake));
                 if wake > now {
                     future::or(glommio::timer::sleep(wake - now), sh.wake_timer.wait()).await;
@@ -879,15 +891,7 @@ async fn run_shard(
                     break;
                 }
                 let now = Instant::now();
-                {
-                    let mut core = sh.core.borrow_mut();
-                    if core.next_tick(now) <= now {
-                        core.handle_tick(now);
-                    }
-                    if core.poll_timeout().is_some_and(|t| t <= now) {
-                        core.handle_timeout(now);
-                    }
-                }
+                sh.core.borrow_mut().handle_due(now);
                 if now >= next_ops {
                     next_ops = now + HOUSEKEEPING_INTERVAL;
                     link.hub.beat(shard, now);
@@ -947,12 +951,7 @@ impl Shared {
     /// Sends what the core queued, and wakes the timer task if the next deadline moved earlier.
     fn flush(&self) {
         let mut core = self.core.borrow_mut();
-        self.io.borrow_mut().flush(&mut core);
-        let now = Instant::now();
-        let mut next = core.next_tick(now);
-        if let Some(t) = core.poll_timeout() {
-            next = next.min(t);
-        }
+        let next = self.io.borrow_mut().flush(&mut core);
         drop(core);
         if self.timer_armed.get().is_some_and(|armed| next < armed) {
             self.wake_timer.notify();

@@ -11,10 +11,14 @@
 //!   [`ShardCore::handle_timeout`] (a deadline from `poll_timeout` passed),
 //!   [`ShardCore::handle_tick`] (a room tick from `next_tick` is due),
 //!   [`ShardCore::handle_shard_message`] (a message from another shard arrived);
-//! - outputs, to poll after every input, in this order: [`ShardCore::poll_transmit`] until
-//!   `None` (UDP datagrams to send), [`ShardCore::poll_shard_message`] until `None` (messages
-//!   for other shards), then [`ShardCore::poll_timeout`] and [`ShardCore::next_tick`] (when
-//!   to call again).
+//!   [`ShardCore::handle_due`] runs both of the last two in the one order every driver uses;
+//! - outputs, to take after every input: [`ShardCore::poll_outputs`] hands them to an
+//!   [`Outputs`] in this order: [`ShardCore::poll_transmit`] until `None` (UDP datagrams to
+//!   send), [`ShardCore::poll_shard_message`] until `None` (messages for other shards),
+//!   [`ShardCore::poll_room_result`] until `None` (results of rooms that ended), and returns
+//!   the earlier of [`ShardCore::poll_timeout`] and [`ShardCore::next_tick`] (when to call
+//!   [`ShardCore::handle_due`] again). The runtime and the test harness both drive the core
+//!   this way and no other.
 //!
 //! # Sessions
 //! A connection's client opens one bidirectional stream, the control stream, and sends
@@ -151,6 +155,17 @@ struct Conn {
     session: Session,
 }
 
+/// Where a shard core's outputs go: the runtime's socket and shard mesh, or a test network.
+/// See [`ShardCore::poll_outputs`].
+pub trait Outputs {
+    /// A UDP datagram to send: `contents` is its `transmit.size` bytes.
+    fn transmit(&mut self, transmit: &Transmit, contents: &[u8]);
+    /// A message for another shard.
+    fn shard_message(&mut self, to: ShardId, msg: ShardMsg);
+    /// The final result of a room that ended here.
+    fn room_result(&mut self, result: RoomResult);
+}
+
 /// A room as seen in a status listing.
 #[derive(Debug, Clone)]
 pub struct RoomInfo {
@@ -195,6 +210,8 @@ pub struct ShardCore {
     rng: ChaCha8Rng,
     fbb: FlatBufferBuilder<'static>,
     frame: Vec<u8>,
+    /// The datagram being handed out by `poll_outputs`.
+    tx_buf: Vec<u8>,
     scratch: Vec<(Route, PlayerId, ControlMsg)>,
     clock: Box<dyn Fn() -> Instant>,
     counters: Counters,
@@ -248,6 +265,7 @@ impl ShardCore {
             rng,
             fbb: FlatBufferBuilder::with_capacity(1024),
             frame: Vec::new(),
+            tx_buf: Vec::with_capacity(2048),
             scratch: Vec::new(),
             clock,
             counters: Counters::default(),
@@ -588,7 +606,42 @@ impl ShardCore {
         }
     }
 
+    /// Runs everything due at `now`: room ticks and housekeeping (if [`ShardCore::next_tick`]
+    /// has passed), then connection timers (if [`ShardCore::poll_timeout`] has).
+    pub fn handle_due(&mut self, now: Instant) {
+        if self.next_tick(now) <= now {
+            self.handle_tick(now);
+        }
+        if self.poll_timeout().is_some_and(|t| t <= now) {
+            self.handle_timeout(now);
+        }
+    }
+
     // ---- outputs ----
+
+    /// Hands every output queued so far to `out`: datagrams, then messages for other shards,
+    /// then room results. Returns when [`ShardCore::handle_due`] must next be called.
+    pub fn poll_outputs(&mut self, now: Instant, out: &mut impl Outputs) -> Instant {
+        let mut buf = std::mem::take(&mut self.tx_buf);
+        while let Some(t) = self.poll_transmit(now, &mut buf) {
+            out.transmit(&t, &buf[..t.size]);
+        }
+        self.tx_buf = buf;
+        while let Some((to, msg)) = self.poll_shard_message() {
+            out.shard_message(to, msg);
+        }
+        while let Some(r) = self.poll_room_result() {
+            out.room_result(r);
+        }
+        self.next_due(now)
+    }
+
+    /// When [`ShardCore::handle_due`] must next be called: the earlier of
+    /// [`ShardCore::next_tick`] and [`ShardCore::poll_timeout`].
+    pub fn next_due(&mut self, now: Instant) -> Instant {
+        let wake = self.next_tick(now);
+        self.poll_timeout().map_or(wake, |t| t.min(wake))
+    }
 
     /// The next UDP datagram (or GSO batch) to send. `buf` receives its bytes.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
@@ -655,7 +708,7 @@ impl ShardCore {
         }
     }
 
-    /// The next final result of a room that ended here (poll after every input).
+    /// The next final result of a room that ended here.
     pub fn poll_room_result(&mut self) -> Option<RoomResult> {
         self.results.pop_front()
     }

@@ -16,6 +16,8 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 use tickshard::mesh::ShardMsg;
+use tickshard::ops::RoomResult;
+use tickshard::shard::Outputs;
 use tickshard::tls::{self, Identity, TransportSettings};
 use tickshard::{builtin_modes, ShardConfig, ShardCore, ShardId};
 
@@ -110,6 +112,10 @@ pub struct Net {
     delays: Vec<Duration>,
     mesh: VecDeque<(ShardId, ShardMsg)>,
     buf: Vec<u8>,
+    /// What the shards handed out in the last `poll_outputs`, until it is routed.
+    out: ShardOut,
+    /// Results of rooms that ended, as the shards handed them out.
+    pub results: Vec<RoomResult>,
     /// Datagrams delivered to the server.
     pub delivered_up: u64,
     /// Datagrams dropped by the link conditioner.
@@ -120,6 +126,35 @@ pub struct Net {
     /// client inside [`measured_client`], so an instruction counter (callgrind's
     /// `--toggle-collect`) counts each side of the measured phase and nothing of the harness.
     pub measure: bool,
+}
+
+/// A shard's outputs as [`ShardCore::poll_outputs`] hands them out: copied, then routed by the
+/// harness outside the measured frame.
+#[derive(Default)]
+struct ShardOut {
+    data: Vec<u8>,
+    /// Destination, offset and length in `data`, segment size.
+    datagrams: Vec<(SocketAddr, usize, usize, Option<usize>)>,
+    mesh: Vec<(ShardId, ShardMsg)>,
+    results: Vec<RoomResult>,
+}
+
+impl Outputs for ShardOut {
+    fn transmit(&mut self, t: &quinn_proto::Transmit, contents: &[u8]) {
+        self.datagrams.push((
+            t.destination,
+            self.data.len(),
+            contents.len(),
+            t.segment_size,
+        ));
+        self.data.extend_from_slice(contents);
+    }
+    fn shard_message(&mut self, to: ShardId, msg: ShardMsg) {
+        self.mesh.push((to, msg));
+    }
+    fn room_result(&mut self, result: RoomResult) {
+        self.results.push(result);
+    }
 }
 
 /// Runs `f`; the frame callgrind's `--toggle-collect=*measured_server*` counts (server work).
@@ -214,6 +249,8 @@ impl Net {
             next_seq: 0,
             mesh: VecDeque::new(),
             buf: Vec::new(),
+            out: ShardOut::default(),
+            results: Vec::new(),
             delivered_up: 0,
             dropped: 0,
             mesh_down: false,
@@ -323,27 +360,22 @@ impl Net {
         let now = self.now();
         let on = self.measure;
         for s in 0..self.shards.len() {
-            loop {
-                let (shard, buf) = (&mut self.shards[s], &mut self.buf);
-                let Some(t) = server(on, || shard.poll_transmit(now, buf)) else {
-                    break;
-                };
-                let data = std::mem::take(&mut self.buf);
-                let dest = self.clients.iter().position(|c| c.addr == t.destination);
+            let (shard, out) = (&mut self.shards[s], &mut self.out);
+            server(on, || shard.poll_outputs(now, out));
+            let mut out = std::mem::take(&mut self.out);
+            for &(to, off, len, seg) in &out.datagrams {
+                let dest = self.clients.iter().position(|c| c.addr == to);
                 if let Some(ci) = dest.filter(|&ci| !self.clients[ci].cut) {
-                    for seg in data[..t.size].chunks(t.segment_size.unwrap_or(t.size)) {
+                    for seg in out.data[off..off + len].chunks(seg.unwrap_or(len)) {
                         self.send(Dest::Client(ci), self.server_addr, seg, Dir::Down);
                     }
                 }
-                self.buf = data;
             }
-            loop {
-                let shard = &mut self.shards[s];
-                let Some(m) = server(on, || shard.poll_shard_message()) else {
-                    break;
-                };
-                self.mesh.push_back(m);
-            }
+            out.data.clear();
+            out.datagrams.clear();
+            self.mesh.extend(out.mesh.drain(..));
+            self.results.append(&mut out.results);
+            self.out = out;
         }
         for c in 0..self.clients.len() {
             if !self.clients[c].dirty {
@@ -388,8 +420,7 @@ impl Net {
         };
         let on = self.measure;
         for s in &mut self.shards {
-            take(server(on, || s.poll_timeout()));
-            take(Some(server(on, || s.next_tick(now))));
+            take(Some(server(on, || s.next_due(now))));
         }
         for c in &self.clients {
             take(c.timeout);
@@ -454,14 +485,7 @@ impl Net {
             }
             let on = self.measure;
             for s in &mut self.shards {
-                server(on, || {
-                    if s.poll_timeout().is_some_and(|t| t <= now) {
-                        s.handle_timeout(now);
-                    }
-                    if s.next_tick(now) <= now {
-                        s.handle_tick(now);
-                    }
-                });
+                server(on, || s.handle_due(now));
             }
             for c in &mut self.clients {
                 if c.timeout.is_some_and(|t| t <= now) {
