@@ -47,6 +47,7 @@ pub mod runtime;
 pub mod shard;
 pub mod snapshot;
 pub mod stats;
+pub mod supervisor;
 pub mod tls;
 pub mod watchdog;
 

@@ -57,7 +57,7 @@ impl DrainState {
 }
 
 /// An operator's command for one shard, carried out in its housekeeping.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     /// End a room: its players get `Left` (RoomClosed); its result is recorded.
     CloseRoom {

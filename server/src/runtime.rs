@@ -22,15 +22,16 @@
 //!
 //! The tick task also does the shard's operator work every [`HOUSEKEEPING_INTERVAL`]: it
 //! carries out queued admin commands, and every
-//! [`REPORT_INTERVAL`] publishes a [`ShardReport`] into the shard's slot of the [`Hub`]. So the
+//! [`REPORT_INTERVAL`] publishes a [`ShardReport`](crate::ops::ShardReport) into the shard's slot of the [`Hub`]. So the
 //! per-packet and per-tick paths take no lock and touch no atomic; the admin thread only ever
 //! reads the last report.
 //!
-//! The calling thread of [`serve`] becomes the **supervisor**: it watches signals and drain
-//! requests, writes room results to the results file, feeds the [`Fleet`] hook (ready,
-//! health, capacity once a second, shutdown), runs the shard [`Watchdog`] over the
-//! heartbeats each housekeeping pass stamps, and stops the shards when the drain is done,
-//! waiting at most `SHARD_EXIT_WAIT` (1 s) for them.
+//! The calling thread of [`serve`] becomes the **supervisor** thread. The decisions are the
+//! sans-IO [`Supervisor`]'s (`supervisor.rs`: when to drain, to cut the drain short, to stop;
+//! what to tell the [`Fleet`] hook); the thread only feeds it what it sees (signals, drain
+//! requests, the shards' reports, the shard [`Watchdog`]'s view of the heartbeats each
+//! housekeeping pass stamps) and carries out its actions, writes room results to the results
+//! file, and once the supervisor stops waits at most `SHARD_EXIT_WAIT` (1 s) for the shards.
 //!
 //! Only one task sleeps on a timer by design: with several tasks each sleeping on its own
 //! glommio timer, a short timer did not fire while another task's long one was pending, and
@@ -41,10 +42,11 @@ use crate::admin::{self, Envelope, Hub, ProcessEvent, ShardFault};
 use crate::config::ServeConfig;
 use crate::mesh::ShardMsg;
 use crate::net::{self, Steering};
-use crate::ops::{Command, RoomResult, ShardReport};
+use crate::ops::{Command, RoomResult};
 use crate::shard::HOUSEKEEPING_INTERVAL;
 use crate::shard::{Outputs, ShardConfig, ShardCore};
 use crate::stats::QuicStats;
+use crate::supervisor::{Action, Observation, Outcome, Supervisor, SupervisorConfig};
 use crate::tls::{self, Identity, TransportSettings};
 use crate::watchdog::{Liveness, WatchEvent, Watchdog, WATCHDOG_BOUND};
 use crate::{builtin_modes, ShardId};
@@ -102,20 +104,7 @@ pub fn request_stop() {
     SIGNALS.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Process-wide capacity, computed once a second from the shard reports for the fleet hook.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Capacity {
-    /// Rooms open.
-    pub rooms: usize,
-    /// Rooms the process could hold (player capacity over room size).
-    pub rooms_capacity: usize,
-    /// Players connected.
-    pub players: usize,
-    /// Players the process could hold (shards times connections per shard).
-    pub players_capacity: usize,
-    /// The open rooms' ids, in decimal.
-    pub room_ids: Vec<String>,
-}
+pub use crate::supervisor::Capacity;
 
 /// Where a fleet manager (Agones) plugs in. The supervisor calls these from its own thread:
 /// `ready` once every shard serves, `set_capacity` once a second, `shutdown` after the drain
@@ -326,8 +315,10 @@ pub fn serve_with_fleet(
     Ok(())
 }
 
-/// The supervisor loop: runs on the thread that called [`serve`] until the shards may stop,
-/// then sets `STOP`. Returns false when it stopped because every shard had died.
+/// The supervisor thread: feeds the process's drain state machine ([`Supervisor`]) what it
+/// observes every `SUPERVISOR_INTERVAL` (signals, drain requests, the shards' reports and
+/// liveness), carries out what it decides, and writes room results as they arrive. Returns
+/// false when the process stopped because every shard had died.
 fn supervise(
     config: &ServeConfig,
     hub: &Hub,
@@ -336,76 +327,74 @@ fn supervise(
     fleet: &mut dyn Fleet,
 ) -> bool {
     let mut results = ResultsFile::new(&config.data_dir);
-    let mut drain_deadline: Option<Instant> = None;
-    let mut forced = false;
-    let mut ready = false;
-    let mut next_capacity = Instant::now();
-    let players_capacity = config.shard_count().saturating_mul(config.max_connections);
-    let mut watchdog = Watchdog::new(config.shard_count(), WATCHDOG_BOUND, Instant::now());
-    let mut healthy = true;
+    let start = Instant::now();
+    let shards = config.shard_count();
+    let mut sup = Supervisor::new(
+        SupervisorConfig {
+            drain_grace: config.drain_grace,
+            drain_slack: DRAIN_SLACK,
+            capacity_interval: CAPACITY_INTERVAL,
+            reconnect_hint: config.reconnect_hint.clone(),
+            players_capacity: shards.saturating_mul(config.max_connections),
+            room_capacity: config.room_capacity as usize,
+        },
+        start,
+    );
+    let mut watchdog = Watchdog::new(shards, WATCHDOG_BOUND, start);
     loop {
         std::thread::sleep(SUPERVISOR_INTERVAL);
         let now = Instant::now();
         watch(&mut watchdog, hub, now);
-        let is_healthy = hub.faults().iter().all(Option::is_none);
-        if is_healthy != healthy {
-            healthy = is_healthy;
-            fleet.set_healthy(healthy);
-        }
-        let signals = SIGNALS.load(Ordering::Relaxed);
-        let mut drain = signals >= 1;
+        sup.handle_signals(SIGNALS.load(Ordering::Relaxed));
         while let Ok(ev) = events.try_recv() {
             match ev {
-                ProcessEvent::Drain => drain = true,
+                ProcessEvent::Drain => sup.handle_drain_request(),
             }
-        }
-        if drain && drain_deadline.is_none() {
-            info!(grace = ?config.drain_grace, "draining");
-            hub.set_draining();
-            drain_deadline = Some(now + config.drain_grace);
-            hub.broadcast(Command::Drain {
-                grace: config.drain_grace,
-                reconnect_hint: config.reconnect_hint.clone(),
-            });
-        }
-        if !forced && (signals >= 2 || drain_deadline.is_some_and(|d| now >= d + DRAIN_SLACK)) {
-            warn!("cutting the drain short");
-            forced = true;
-            hub.broadcast(Command::Stop {
-                reason: "server shutting down".into(),
-            });
         }
         while let Ok(r) = results_rx.try_recv() {
             results.write(&r);
         }
         let reports = hub.reports();
-        if !ready && reports.iter().all(|r| r.is_some()) && drain_deadline.is_none() {
-            ready = true;
-            info!("every shard serves");
-            fleet.ready();
-        }
-        if now >= next_capacity {
-            next_capacity = now + CAPACITY_INTERVAL;
-            fleet.set_capacity(&capacity(&reports, config, players_capacity));
-            hub.set_fleet_status(fleet.status());
-        }
-        // A stalled or ended shard cannot drain: waiting for it would only hold the others'
-        // exit until the last resort.
-        let drained = reports.iter().enumerate().all(|(i, r)| {
-            watchdog.liveness(ShardId(i as u16)) != Liveness::Alive
-                || r.as_ref().is_some_and(|r| r.drained)
-        });
-        let dead = hub.shards_alive() == 0;
-        if (drain_deadline.is_some() && drained) || dead {
-            STOP.store(true, Ordering::Relaxed);
-            results.finish();
-            return !dead || (drain_deadline.is_some() && drained);
-        }
-        if forced && drain_deadline.is_some_and(|d| now >= d + 2 * DRAIN_SLACK) {
-            warn!("shards did not finish the drain; stopping them");
-            STOP.store(true, Ordering::Relaxed);
-            results.finish();
-            return true;
+        let alive: Vec<bool> = (0..shards)
+            .map(|i| watchdog.liveness(ShardId(i as u16)) == Liveness::Alive)
+            .collect();
+        sup.handle_observation(
+            now,
+            Observation {
+                reports: &reports,
+                alive: &alive,
+                healthy: hub.faults().iter().all(Option::is_none),
+                running: hub.shards_alive(),
+            },
+        );
+        while let Some(action) = sup.poll_action() {
+            match action {
+                Action::SetDraining => {
+                    info!(grace = ?config.drain_grace, "draining");
+                    hub.set_draining();
+                }
+                Action::Broadcast(cmd) => {
+                    if matches!(cmd, Command::Stop { .. }) {
+                        warn!("cutting the drain short");
+                    }
+                    hub.broadcast(cmd);
+                }
+                Action::FleetReady => {
+                    info!("every shard serves");
+                    fleet.ready();
+                }
+                Action::FleetHealthy(healthy) => fleet.set_healthy(healthy),
+                Action::FleetCapacity(capacity) => {
+                    fleet.set_capacity(&capacity);
+                    hub.set_fleet_status(fleet.status());
+                }
+                Action::Stop(outcome) => {
+                    info!(?outcome, "stopping the shards");
+                    STOP.store(true, Ordering::Relaxed);
+                    results.finish();
+                    return outcome != Outcome::Failed;
+                }
+            }
         }
     }
 }
@@ -479,25 +468,6 @@ fn thread_state(tid: i32) -> String {
         .unwrap_or_else(|| "?".into());
     let wchan = read("wchan").unwrap_or_default();
     format!("tid {tid} state {state} syscall {syscall} wchan {wchan}")
-}
-
-fn capacity(
-    reports: &[Option<Arc<ShardReport>>],
-    config: &ServeConfig,
-    players_capacity: usize,
-) -> Capacity {
-    let mut c = Capacity {
-        players_capacity,
-        rooms_capacity: players_capacity / config.room_capacity.max(1) as usize,
-        ..Capacity::default()
-    };
-    for r in reports.iter().flatten() {
-        c.rooms += r.rooms.len();
-        c.players += r.players;
-        c.room_ids
-            .extend(r.rooms.iter().map(|room| room.id.0.to_string()));
-    }
-    c
 }
 
 /// `<data_dir>/results/<unix-time>-<pid>.jsonl`: one JSON line per ended room, opened on the
