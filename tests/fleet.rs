@@ -174,7 +174,13 @@ fn serve(mut s: TcpStream, sdk: &Mutex<Sdk>) {
 }
 
 fn fake_sdk() -> FakeSdk {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    fake_sdk_on("127.0.0.1:0")
+}
+
+/// A fake sidecar listening on `addr`.
+fn fake_sdk_on(addr: &str) -> FakeSdk {
+    let listener = TcpListener::bind(addr)
+        .unwrap_or_else(|e| panic!("the fake sidecar cannot listen on {addr}: {e}"));
     listener.set_nonblocking(true).unwrap();
     let port = listener.local_addr().unwrap().port();
     let sdk = Arc::new(Mutex::new(Sdk {
@@ -352,15 +358,41 @@ fn on_agones_the_server_reports_ready_capacity_and_shuts_down_after_a_drain() {
 
 #[test]
 fn without_agones_nothing_is_asked_of_a_sidecar() {
-    // A sidecar that exists but is not announced: the server must not call it.
-    let fake = fake_sdk();
+    // A sidecar on Agones' default port (9358) that nobody announced: a server without
+    // AGONES_SDK_HTTP_PORT must not call it, must serve, and must say it has no fleet manager.
+    let fake = fake_sdk_on("127.0.0.1:9358");
+    let requests = |fake: &FakeSdk| {
+        fake.sdk
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .requests
+            .len()
+    };
     let server = Server::start("fleet-none", &["--shards", "1"]);
-    std::thread::sleep(Duration::from_millis(700));
-    assert!(fake
-        .sdk
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .requests
-        .is_empty());
+    let admin = server.admin.expect("admin address");
+    // Past the first capacity report (once a second), when a fleet hook would be called.
+    wait_for("the shard to serve", Duration::from_secs(5), || {
+        status(admin)["shards"][0]["players"].is_number()
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let st = status(admin);
+    assert_eq!(
+        st["process"].get("fleet"),
+        Some(&Value::Null),
+        "no fleet manager, yet /status says {st}"
+    );
+    assert_eq!(requests(&fake), 0, "the unannounced sidecar was called");
     drop(server);
+    // The same sidecar, announced: the server calls it at once (the check above can fail).
+    let announced = Server::start_with_env(
+        "fleet-announced",
+        &["--shards", "1"],
+        &[(tickshard::agones::PORT_VAR, "9358")],
+    );
+    wait_for(
+        "the announced sidecar to be called",
+        Duration::from_secs(5),
+        || requests(&fake) > 0,
+    );
+    drop(announced);
 }

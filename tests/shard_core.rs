@@ -237,9 +237,11 @@ fn hello() -> ControlMsg {
 
 #[test]
 fn garbage_datagrams_are_ignored() {
+    let mut connections = 0;
     let (net, _) = with_bystander(
         |net| net.add_client(),
         |net, _| {
+            connections = net.shards[0].connections();
             let from = "127.0.9.9:999".parse().unwrap();
             for i in 0..200u32 {
                 let mut junk = vec![0u8; (i as usize * 7) % 1300 + 1];
@@ -251,6 +253,35 @@ fn garbage_datagrams_are_ignored() {
         },
     );
     assert!(net.shards[0].counters().udp_in >= 200);
+    assert_eq!(connections, 2);
+    assert_eq!(
+        net.shards[0].connections(),
+        connections,
+        "garbage opened a connection"
+    );
+    assert_eq!(net.shards[0].counters().handshakes, 2);
+    // The one answer QUIC allows: a stateless reset (it tells a client whose connection the
+    // server no longer has), smaller than the datagram that caused it and at most one per
+    // 20 ms (quinn's `min_reset_interval`): one for 200 datagrams that arrived at once.
+    assert!(
+        net.unrouted.len() <= 1,
+        "the server answered garbage {} times",
+        net.unrouted.len()
+    );
+    for (to, bytes) in &net.unrouted {
+        assert_eq!(to.to_string(), "127.0.9.9:999");
+        assert_eq!(
+            bytes[0] & 0xc0,
+            0x40,
+            "not a stateless reset: {:02x?}",
+            &bytes[..8]
+        );
+        assert!(
+            bytes.len() < 1300,
+            "a reset larger than any trigger: {}",
+            bytes.len()
+        );
+    }
 }
 
 #[test]
@@ -316,7 +347,17 @@ fn silent_client_is_closed_at_the_hello_deadline() {
         ..Default::default()
     });
     let bad = raw_client(&mut net);
-    net.run_for(Duration::from_millis(2500));
+    // Open (handshake done, no hello) until just before the deadline; housekeeping checks
+    // hello deadlines every 50 ms, so the close comes within that of the deadline.
+    net.run_for(Duration::from_millis(1900));
+    assert!(
+        !matches!(net.clients[bad].client.state(), SessionState::Closed { .. }),
+        "closed before the deadline: {:?}",
+        net.closed(bad)
+    );
+    assert_eq!(net.closed(bad), None);
+    assert_eq!(net.shards[0].connections(), 1);
+    net.run_for(Duration::from_millis(600));
     assert_eq!(server_code(&net, bad), Some(codes::HELLO_TIMEOUT as u64));
 }
 

@@ -141,6 +141,8 @@ impl Server {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            // Agones is on only where a test asks for it.
+            .env_remove("AGONES_SDK_HTTP_PORT")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(stderr)

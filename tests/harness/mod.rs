@@ -120,6 +120,8 @@ pub struct Net {
     pub delivered_up: u64,
     /// Datagrams dropped by the link conditioner.
     pub dropped: u64,
+    /// Datagrams the shards sent to addresses no client has (answers to injected traffic).
+    pub unrouted: Vec<(SocketAddr, Vec<u8>)>,
     /// When set, messages between shards are lost (a stuck shard).
     pub mesh_down: bool,
     /// When set, every call into a shard runs inside [`measured_server`] and every call into a
@@ -253,6 +255,7 @@ impl Net {
             results: Vec::new(),
             delivered_up: 0,
             dropped: 0,
+            unrouted: Vec::new(),
             mesh_down: false,
             measure: false,
         }
@@ -365,10 +368,14 @@ impl Net {
             let mut out = std::mem::take(&mut self.out);
             for &(to, off, len, seg) in &out.datagrams {
                 let dest = self.clients.iter().position(|c| c.addr == to);
-                if let Some(ci) = dest.filter(|&ci| !self.clients[ci].cut) {
-                    for seg in out.data[off..off + len].chunks(seg.unwrap_or(len)) {
-                        self.send(Dest::Client(ci), self.server_addr, seg, Dir::Down);
+                match dest {
+                    Some(ci) if !self.clients[ci].cut => {
+                        for seg in out.data[off..off + len].chunks(seg.unwrap_or(len)) {
+                            self.send(Dest::Client(ci), self.server_addr, seg, Dir::Down);
+                        }
                     }
+                    Some(_) => {}
+                    None => self.unrouted.push((to, out.data[off..off + len].to_vec())),
                 }
             }
             out.data.clear();
