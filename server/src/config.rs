@@ -236,22 +236,16 @@ pub fn env_name(key: &str) -> String {
 }
 
 /// A duration in seconds (`1.5`), or with a unit (`500ms`, `30s`, `2m`).
+/// A duration: a bare number of seconds (`30`, `2.5`: what `--print-config` writes), or
+/// humantime's form (`500ms`, `10s`, `2m`, `1h 30m`).
 fn parse_duration(v: &str) -> Result<Duration, String> {
     let v = v.trim();
-    let (num, unit) = if let Some(n) = v.strip_suffix("ms") {
-        (n, 1e-3)
-    } else if let Some(n) = v.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = v.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (v, 1.0)
-    };
-    let x: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{v}` is not a duration (seconds, or with ms/s/m)"))?;
-    Duration::try_from_secs_f64(x * unit).map_err(|_| format!("`{v}` is not a valid duration"))
+    if let Ok(secs) = v.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs)
+            .map_err(|_| format!("`{v}` is not a valid duration"));
+    }
+    humantime::parse_duration(v)
+        .map_err(|e| format!("`{v}` is not a duration (seconds, or like 500ms, 10s, 2m): {e}"))
 }
 
 fn parse<T: std::str::FromStr>(v: &str, what: &str) -> Result<T, String> {
@@ -458,6 +452,26 @@ mod tests {
         assert_eq!(c.admin, Some("127.0.0.1:4434".parse().unwrap()));
         let c = resolve(&[("admin".into(), "off".into())], &none, None).unwrap();
         assert_eq!(c.admin, None);
+    }
+
+    #[test]
+    fn durations_are_seconds_or_humantime() {
+        let ms = Duration::from_millis;
+        for (text, want) in [
+            ("30", ms(30_000)),
+            ("2.5", ms(2_500)),
+            ("500ms", ms(500)),
+            ("10s", ms(10_000)),
+            ("2m", ms(120_000)),
+            ("1m 30s", ms(90_000)),
+            (" 1h ", ms(3_600_000)),
+        ] {
+            assert_eq!(parse_duration(text), Ok(want), "{text:?}");
+        }
+        for bad in ["", "soon", "-1", "10 parsecs", "1e400"] {
+            let e = parse_duration(bad).expect_err(bad);
+            assert!(e.contains("duration"), "{bad:?}: {e}");
+        }
     }
 
     #[test]

@@ -160,10 +160,6 @@ impl ServeArgs {
     }
 }
 
-extern "C" fn on_signal(_: libc::c_int) {
-    runtime::request_stop();
-}
-
 fn init_logs(format: LogFormat) {
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
@@ -223,11 +219,21 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     init_logs(config.log_format);
-    // SAFETY: the handler only adds to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
+    // SIGINT and SIGTERM: each one counts (the first drains, the second cuts the drain short).
+    // signal-hook's iterator takes them on a thread of its own, so nothing runs in the handler.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .context("installing signal handlers")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                runtime::request_stop();
+            }
+        })
+        .context("starting the signal thread")?;
     // On Agones (the SDK sidecar's port is set) the fleet hook reports to it; otherwise
     // nothing changes.
     let fleet: Box<dyn runtime::Fleet> = match tickshard::agones::AgonesConfig::from_env() {

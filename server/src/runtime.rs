@@ -98,7 +98,7 @@ static STOP: AtomicBool = AtomicBool::new(false);
 /// Termination signals received (the first drains, the second cuts the drain short).
 static SIGNALS: AtomicUsize = AtomicUsize::new(0);
 
-/// A termination signal arrived (signal-safe: one atomic add). The first starts a graceful
+/// A termination signal arrived (one atomic add; called from the signal thread). The first starts a graceful
 /// drain, the second closes what remains with SHUTTING_DOWN.
 pub fn request_stop() {
     SIGNALS.fetch_add(1, Ordering::Relaxed);
