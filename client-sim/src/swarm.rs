@@ -367,8 +367,10 @@ impl<'a> Loop<'a> {
             let s = UdpSocket::bind(bind)?;
             s.set_nonblocking(true)?;
             // A tick's worth of snapshots for every bot on the socket arrives at once.
-            set_buffer(&s, libc::SO_RCVBUF, 4 << 20);
-            set_buffer(&s, libc::SO_SNDBUF, 4 << 20);
+            // Best effort: the kernel caps these at net.core.{r,w}mem_max.
+            let sock = socket2::SockRef::from(&s);
+            let _ = sock.set_recv_buffer_size(4 << 20);
+            let _ = sock.set_send_buffer_size(4 << 20);
             sockets.push(s);
         }
         let bots_total = config.bots.max(1) as f64;
@@ -877,83 +879,18 @@ fn record(h: &mut Histogram<u64>, d: Duration) {
     h.saturating_record((d.as_micros() as u64).max(1));
 }
 
-fn set_buffer(s: &UdpSocket, opt: libc::c_int, bytes: libc::c_int) {
-    // SAFETY: a plain integer socket option on a socket we own.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            opt,
-            &bytes as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
-}
-
-fn to_sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
-    let mut st: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(a.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-            unsafe { std::ptr::write(&mut st as *mut _ as *mut libc::sockaddr_in, sin) };
-            std::mem::size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: a.flowinfo(),
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
-                sin6_scope_id: a.scope_id(),
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-            unsafe { std::ptr::write(&mut st as *mut _ as *mut libc::sockaddr_in6, sin6) };
-            std::mem::size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (st, len as libc::socklen_t)
-}
-
-fn from_sockaddr(st: &libc::sockaddr_storage) -> Option<SocketAddr> {
-    match st.ss_family as libc::c_int {
-        libc::AF_INET => {
-            // SAFETY: the family says the storage holds a sockaddr_in.
-            let a = unsafe { &*(st as *const _ as *const libc::sockaddr_in) };
-            Some(SocketAddr::from((
-                a.sin_addr.s_addr.to_ne_bytes(),
-                u16::from_be(a.sin_port),
-            )))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says the storage holds a sockaddr_in6.
-            let a = unsafe { &*(st as *const _ as *const libc::sockaddr_in6) };
-            Some(SocketAddr::V6(std::net::SocketAddrV6::new(
-                a.sin6_addr.s6_addr.into(),
-                u16::from_be(a.sin6_port),
-                a.sin6_flowinfo,
-                a.sin6_scope_id,
-            )))
-        }
-        _ => None,
-    }
+/// The address the kernel wrote into `st` (`len` bytes of it) for a received datagram.
+fn from_sockaddr(st: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+    // SAFETY: `st` is a sockaddr_storage the kernel filled in, `len` the length it reported
+    // (never more than the storage).
+    unsafe { socket2::SockAddr::new(*st, len) }.as_socket()
 }
 
 /// Datagrams queued for one socket, sent together with `sendmmsg`.
 #[derive(Default)]
 struct SendBatch {
     data: Vec<u8>,
-    msgs: Vec<(usize, usize, libc::sockaddr_storage, libc::socklen_t)>,
+    msgs: Vec<(usize, usize, socket2::SockAddr)>,
     iov: Vec<libc::iovec>,
     hdrs: Vec<libc::mmsghdr>,
     errors: u64,
@@ -961,8 +898,8 @@ struct SendBatch {
 
 impl SendBatch {
     fn push(&mut self, data: &[u8], to: SocketAddr) {
-        let (st, len) = to_sockaddr(to);
-        self.msgs.push((self.data.len(), data.len(), st, len));
+        self.msgs
+            .push((self.data.len(), data.len(), socket2::SockAddr::from(to)));
         self.data.extend_from_slice(data);
     }
 
@@ -972,18 +909,19 @@ impl SendBatch {
         }
         self.iov.clear();
         self.hdrs.clear();
-        for (off, len, _, _) in &self.msgs {
+        for (off, len, _) in &self.msgs {
             self.iov.push(libc::iovec {
                 // SAFETY: in bounds of `data`, which is not touched until the send ends.
                 iov_base: unsafe { self.data.as_mut_ptr().add(*off) } as *mut libc::c_void,
                 iov_len: *len,
             });
         }
-        for (k, (_, _, st, len)) in self.msgs.iter_mut().enumerate() {
+        for (k, (_, _, to)) in self.msgs.iter().enumerate() {
             // SAFETY: mmsghdr is plain data; all-zero is valid.
             let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            h.msg_hdr.msg_name = st as *mut _ as *mut libc::c_void;
-            h.msg_hdr.msg_namelen = *len;
+            // sendmmsg reads the address and never writes it.
+            h.msg_hdr.msg_name = to.as_ptr() as *mut libc::c_void;
+            h.msg_hdr.msg_namelen = to.len();
             h.msg_hdr.msg_iov = &mut self.iov[k] as *mut libc::iovec;
             h.msg_hdr.msg_iovlen = 1;
             self.hdrs.push(h);
@@ -1089,8 +1027,8 @@ impl RecvBatch {
     }
 
     fn get(&self, k: usize) -> (&[u8], SocketAddr) {
-        let from =
-            from_sockaddr(&self.addrs[k]).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let from = from_sockaddr(&self.addrs[k], self.hdrs[k].msg_hdr.msg_namelen)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         (&self.bufs[k * SLOT..k * SLOT + self.lens[k]], from)
     }
 }
