@@ -338,22 +338,15 @@ fn run_point(bin: &Path, o: &Opts, bots: usize) -> Point {
 
 /// One `GET /metrics`; whether it answered 200.
 fn scrape(admin: &str) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(admin) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
-    )
-    .is_err()
-    {
-        return false;
-    }
-    let mut body = Vec::new();
-    let _ = s.read_to_end(&mut body);
-    body.starts_with(b"HTTP/1.1 200")
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(2)))
+        .build()
+        .into();
+    agent
+        .get(format!("http://{admin}/metrics"))
+        .call()
+        .and_then(|mut r| r.body_mut().read_to_string())
+        .is_ok()
 }
 
 fn print_header() {

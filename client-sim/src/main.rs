@@ -11,8 +11,8 @@ use client_sim::{Behavior, ClientConfig, Link, Trust};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -160,45 +160,29 @@ fn proc_usage(pid: u32) -> Option<(Duration, u64)> {
 
 /// GET `path` from an HTTP/1.1 server; the body of a 200 answer.
 fn http_get(addr: &str, path: &str, token: Option<&str>) -> anyhow::Result<String> {
-    let sa = addr
-        .to_socket_addrs()?
-        .next()
-        .context("admin address resolves to nothing")?;
-    let mut s = TcpStream::connect_timeout(&sa, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
-    )?;
-    let mut resp = Vec::new();
-    s.take(16 << 20).read_to_end(&mut resp)?;
-    let text = String::from_utf8_lossy(&resp);
-    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header")?;
-    let status = head.split_whitespace().nth(1).unwrap_or("");
-    if status != "200" {
-        bail!("{path}: HTTP {status}: {}", body.trim());
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_connect(Some(Duration::from_secs(2)))
+        .timeout_global(Some(Duration::from_secs(5)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut req = agent.get(format!("http://{addr}{path}"));
+    if let Some(t) = token {
+        req = req.header("Authorization", format!("Bearer {t}"));
     }
-    let chunked = head.lines().any(|l| {
-        l.to_ascii_lowercase()
-            .starts_with("transfer-encoding: chunked")
-    });
-    if !chunked {
-        return Ok(body.to_owned());
+    let mut resp = req
+        .call()
+        .with_context(|| format!("GET {path} from {addr}"))?;
+    let status = resp.status();
+    let body = resp
+        .body_mut()
+        .with_config()
+        .limit(16 << 20)
+        .read_to_string()?;
+    if status != 200 {
+        bail!("{path}: HTTP {}: {}", status.as_u16(), body.trim());
     }
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((size, tail)) = rest.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).context("bad chunk size")?;
-        if n == 0 || tail.len() < n {
-            break;
-        }
-        out.push_str(&tail[..n]);
-        rest = tail[n..].trim_start_matches("\r\n");
-    }
-    Ok(out)
+    Ok(body)
 }
 
 fn ms(us: u64) -> f64 {

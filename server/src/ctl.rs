@@ -1,21 +1,19 @@
 //! `tickshard ctl`: fleet tools over the admin HTTP endpoint of one or many servers.
 //!
-//! A minimal blocking HTTP/1.1 client (one request per connection, bounded timeouts), a
-//! status table across targets, and drain. Unreachable targets show their error in the
+//! Requests go through ureq (blocking HTTP/1.1, bounded timeouts); on top of it, a status
+//! table across targets, and drain. Unreachable targets show their error in the
 //! table instead of failing the whole command.
 
 use serde_json::Value;
-use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
-/// Connect, read and write timeout of one request.
+/// Timeout of one request, from connecting to the end of the body.
 pub const TIMEOUT: Duration = Duration::from_secs(3);
 /// Largest response read.
 const MAX_RESPONSE: u64 = 16 << 20;
 
 /// Sends one request to `target` (`HOST:PORT`, optionally prefixed `http://`); returns the
-/// status code and body.
+/// status code and body, whatever the status.
 pub fn request(
     target: &str,
     method: &str,
@@ -27,34 +25,29 @@ pub fn request(
         .trim()
         .trim_start_matches("http://")
         .trim_end_matches('/');
-    let addr = target
-        .to_socket_addrs()
-        .map_err(|e| format!("bad target {target}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("bad target {target}: no address"))?;
-    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(|e| e.to_string())?;
-    let _ = s.set_read_timeout(Some(TIMEOUT));
-    let _ = s.set_write_timeout(Some(TIMEOUT));
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {target}\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    s.take(MAX_RESPONSE)
-        .read_to_end(&mut raw)
+    let mut req = ureq::http::Request::builder()
+        .method(method)
+        .uri(format!("http://{target}{path}"));
+    if let Some(t) = token {
+        req = req.header("Authorization", format!("Bearer {t}"));
+    }
+    let req = req
+        .body(body.to_owned())
+        .map_err(|e| format!("bad target {target}: {e}"))?;
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(TIMEOUT))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut resp = agent.run(req).map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let text = resp
+        .body_mut()
+        .with_config()
+        .limit(MAX_RESPONSE)
+        .read_to_string()
         .map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or("incomplete HTTP response")?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or("bad HTTP status line")?;
-    Ok((status, body.to_string()))
+    Ok((status, text))
 }
 
 /// The error message of a JSON error body, or the body itself.
