@@ -13,9 +13,9 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 use tickshard::game::ViewEntity;
 use tickshard::ids::{PlayerId, RoomId, ShardId};
-use tickshard::room::{Room, RoomOutput, Route};
-use tickshard::snapshot::{Scratch, ViewerHistory};
-use tickshard::stats::{Counters, TickStats};
+use tickshard::shard::room::{Room, RoomOutput, Route};
+use tickshard::shard::snapshot::{Scratch, ViewerHistory};
+use tickshard::shard::stats::{Counters, TickStats};
 use tickshard_schema::{EntityState, InputCmd, InputDatagram};
 
 fn snapshot_build(c: &mut Criterion) {

@@ -387,7 +387,7 @@ fn without_agones_nothing_is_asked_of_a_sidecar() {
     let announced = Server::start_with_env(
         "fleet-announced",
         &["--shards", "1"],
-        &[(tickshard::agones::PORT_VAR, "9358")],
+        &[(tickshard::fleet::agones::PORT_VAR, "9358")],
     );
     wait_for(
         "the announced sidecar to be called",

@@ -21,7 +21,7 @@ use common::Server;
 use serde_json::Value;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use tickshard::ctl::request;
+use tickshard::ops::ctl::request;
 
 const SERVERS: usize = 3;
 const SHARDS: usize = 4;

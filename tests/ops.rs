@@ -11,7 +11,7 @@ use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use tickshard::ctl::request;
+use tickshard::ops::ctl::request;
 use tickshard_schema::{codes, LeaveReason};
 
 /// A bot: a QUIC client that joins quick match and sends inputs at 10 Hz.

@@ -7,8 +7,8 @@ use client_sim::{ClientEvent, CloseReason, SessionState};
 use harness::{Link, Net, NetConfig};
 use std::collections::BTreeMap;
 use std::time::Duration;
-use tickshard::arena::{dequantise, max_step};
-use tickshard::ops::{Command, RoomEnd, RoomResult};
+use tickshard::game::arena::{dequantise, max_step};
+use tickshard::shard::operator::{Command, RoomEnd, RoomResult};
 use tickshard::{PlayerId, RoomId};
 use tickshard_schema::{codes, ControlMsg, FrameDecoder};
 
@@ -988,7 +988,7 @@ fn operators_close_rooms_and_kick_players() {
                 reason: "x".into()
             }
         ),
-        Err(tickshard::ops::CommandError::RoomNotFound)
+        Err(tickshard::shard::operator::CommandError::RoomNotFound)
     );
     net.shards[host]
         .handle_command(

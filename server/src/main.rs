@@ -6,8 +6,9 @@
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use tickshard::config::{self, LogFormat};
-use tickshard::{ctl, runtime};
+use tickshard::ops::config::{self, LogFormat};
+use tickshard::ops::ctl;
+use tickshard::{fleet, runtime};
 
 /// A thread-per-core authoritative game server on QUIC.
 #[derive(Parser, Debug)]
@@ -236,14 +237,14 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .context("starting the signal thread")?;
     // On Agones (the SDK sidecar's port is set) the fleet hook reports to it; otherwise
     // nothing changes.
-    let fleet: Box<dyn runtime::Fleet> = match tickshard::agones::AgonesConfig::from_env() {
+    let fleet: Box<dyn fleet::Fleet> = match tickshard::fleet::agones::AgonesConfig::from_env() {
         Ok(Some(c)) => {
             tracing::info!(sdk = %c.sdk_addr, "Agones SDK found");
-            Box::new(tickshard::agones::AgonesFleet::new(
-                tickshard::agones::Agones::start(c, env!("CARGO_PKG_VERSION")),
+            Box::new(tickshard::fleet::agones::AgonesFleet::new(
+                tickshard::fleet::agones::Agones::start(c, env!("CARGO_PKG_VERSION")),
             ))
         }
-        Ok(None) => Box::new(runtime::NoFleet),
+        Ok(None) => Box::new(fleet::NoFleet),
         Err(e) => anyhow::bail!("invalid setting: {e}"),
     };
     runtime::serve_with_fleet(config, fleet, |s| {

@@ -22,7 +22,7 @@
 //!
 //! The tick task also does the shard's operator work every [`HOUSEKEEPING_INTERVAL`]: it
 //! carries out queued admin commands, and every
-//! [`REPORT_INTERVAL`] publishes a [`ShardReport`](crate::ops::ShardReport) into the shard's slot of the [`Hub`]. So the
+//! [`REPORT_INTERVAL`] publishes a [`ShardReport`](crate::shard::operator::ShardReport) into the shard's slot of the [`Hub`]. So the
 //! per-packet and per-tick paths take no lock and touch no atomic; the admin thread only ever
 //! reads the last report.
 //!
@@ -38,17 +38,18 @@
 //! datagrams waited in the socket for seconds (ARCHITECTURE.md has the story; it was probably
 //! the glommio executor bug that `server/vendor/glommio` fixes).
 
-use crate::admin::{self, Envelope, Hub, ProcessEvent, ShardFault};
-use crate::config::ServeConfig;
-use crate::mesh::ShardMsg;
+use crate::fleet::{Fleet, NoFleet};
+use crate::net::tls::{self, Identity, TransportSettings};
 use crate::net::{self, Steering};
-use crate::ops::{Command, RoomResult};
+use crate::ops::admin::{self, Envelope, Hub, ProcessEvent, ShardFault};
+use crate::ops::config::ServeConfig;
+use crate::ops::supervisor::{Action, Observation, Outcome, Supervisor, SupervisorConfig};
+use crate::ops::watchdog::{Liveness, WatchEvent, Watchdog, WATCHDOG_BOUND};
+use crate::shard::mesh::ShardMsg;
+use crate::shard::operator::{Command, RoomResult};
+use crate::shard::stats::QuicStats;
 use crate::shard::HOUSEKEEPING_INTERVAL;
 use crate::shard::{Outputs, ShardConfig, ShardCore};
-use crate::stats::QuicStats;
-use crate::supervisor::{Action, Observation, Outcome, Supervisor, SupervisorConfig};
-use crate::tls::{self, Identity, TransportSettings};
-use crate::watchdog::{Liveness, WatchEvent, Watchdog, WATCHDOG_BOUND};
 use crate::{builtin_modes, ShardId};
 use bytes::BytesMut;
 use futures_lite::future;
@@ -104,37 +105,12 @@ pub fn request_stop() {
     SIGNALS.fetch_add(1, Ordering::Relaxed);
 }
 
-pub use crate::supervisor::Capacity;
-
-/// Where a fleet manager (Agones) plugs in. The supervisor calls these from its own thread:
-/// `ready` once every shard serves, `set_capacity` once a second, `shutdown` after the drain
-/// finished and the results are written, just before `serve` returns.
-pub trait Fleet: Send {
-    /// Every shard serves.
-    fn ready(&mut self) {}
-    /// Whether every shard is alive: false while the watchdog finds one stalled or dead
-    /// (called when that changes; the process starts healthy).
-    fn set_healthy(&mut self, _healthy: bool) {}
-    /// The process's capacity now.
-    fn set_capacity(&mut self, _capacity: &Capacity) {}
-    /// The drain finished; the process is about to exit.
-    fn shutdown(&mut self) {}
-    /// What the fleet manager says of this server, for `/status` (asked once a second).
-    fn status(&mut self) -> Option<serde_json::Value> {
-        None
-    }
-}
-
-/// No fleet manager.
-pub struct NoFleet;
-impl Fleet for NoFleet {}
-
 /// Errors that stop the server from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// Bad configuration.
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] crate::ops::config::ConfigError),
     /// Certificate problems.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),

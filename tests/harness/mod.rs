@@ -15,10 +15,10 @@ use std::collections::{BinaryHeap, VecDeque};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
-use tickshard::mesh::ShardMsg;
-use tickshard::ops::RoomResult;
+use tickshard::net::tls::{self, Identity, TransportSettings};
+use tickshard::shard::mesh::ShardMsg;
+use tickshard::shard::operator::RoomResult;
 use tickshard::shard::Outputs;
-use tickshard::tls::{self, Identity, TransportSettings};
 use tickshard::{builtin_modes, ShardConfig, ShardCore, ShardId};
 
 use client_sim::link::Conditioner;

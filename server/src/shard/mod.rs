@@ -4,6 +4,12 @@
 //! caller passes `now` into every call and carries out what the core asks for. In production
 //! the glommio loop of `runtime.rs` drives it; in tests a harness with a virtual clock does.
 //!
+//! Its parts, each in its own file: [`room`] (seats, input queues, the tick pipeline),
+//! [`snapshot`] (per-viewer delta snapshots), [`mesh`] (messages between shards), [`stats`]
+//! (counters and histograms), [`operator`] (commands operators may give a shard, the report
+//! it publishes, drain states, room results). Connections, sessions, matchmaking and the
+//! room directory are in this file.
+//!
 //! # Methods
 //! - getters: [`ShardCore::id`], [`ShardCore::counters`], [`ShardCore::tick_stats`],
 //!   [`ShardCore::rooms`], [`ShardCore::players`], ...
@@ -28,13 +34,19 @@
 //! defined answer (see PROTOCOL.md): ignored and counted, an `Error` message, or the one
 //! connection closed with an application error code and reason. Other players never notice.
 
-use crate::cid::ShardCidGenerator;
+pub mod mesh;
+pub mod operator;
+pub mod room;
+pub mod snapshot;
+pub mod stats;
+
 use crate::game::{ModeSpec, Standing};
 use crate::ids::{ConnKey, PlayerId, RoomId, ShardId, Tick};
-use crate::mesh::{JoinedInfo, RoomSummary, ShardMsg};
-use crate::ops::{Command, CommandError, DrainState, RoomEnd, RoomResult, ShardReport};
-use crate::room::{JoinError, Room, RoomOutput, Route};
-use crate::stats::{Counters, QuicStats, TickStats};
+use crate::net::cid::ShardCidGenerator;
+use crate::shard::mesh::{JoinedInfo, RoomSummary, ShardMsg};
+use crate::shard::operator::{Command, CommandError, DrainState, RoomEnd, RoomResult, ShardReport};
+use crate::shard::room::{JoinError, Room, RoomOutput, Route};
+use crate::shard::stats::{Counters, QuicStats, TickStats};
 use bytes::{Bytes, BytesMut};
 use flatbuffers::FlatBufferBuilder;
 use quinn_proto::{

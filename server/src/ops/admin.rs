@@ -22,8 +22,8 @@
 //! `Authorization: Bearer TOKEN`. Errors are JSON: `{"error": "..."}`.
 
 use crate::ids::{PlayerId, RoomId, ShardId};
-use crate::ops::{Command, CommandError, DrainState, ShardReport};
-use crate::stats::PHASE_NAMES;
+use crate::shard::operator::{Command, CommandError, DrainState, ShardReport};
+use crate::shard::stats::PHASE_NAMES;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use std::fmt::Write as _;

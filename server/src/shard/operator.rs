@@ -20,8 +20,8 @@
 
 use crate::game::Standing;
 use crate::ids::{PlayerId, RoomId, ShardId, Tick};
+use crate::shard::stats::{Counters, TickStats};
 use crate::shard::RoomInfo;
-use crate::stats::{Counters, TickStats};
 use std::fmt;
 use std::time::{Duration, Instant};
 

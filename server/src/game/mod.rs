@@ -8,6 +8,11 @@
 //! A game must be deterministic given its [`GameSetup::seed`] and the sequence of calls it
 //! receives: no clocks, no thread-local randomness, no iteration over hash maps. The test
 //! harness replays runs and compares snapshot streams byte for byte.
+//!
+//! [`arena`] is the built-in game, a top-down arena shooter, and the example to copy: it
+//! implements every method, keeps its state in flat vectors, and quantises what it shows.
+
+pub mod arena;
 
 use crate::ids::{EntityId, PlayerId, Tick};
 use tickshard_schema::EntityState;

@@ -30,8 +30,8 @@
 
 use crate::game::{Game, GameEvent, GameSetup, ModeSpec, PlayerInput, PlayerResult, ViewEntity};
 use crate::ids::{ConnKey, EntityId, PlayerId, RoomId, ShardId, Tick};
-use crate::snapshot::{Scratch, ViewerHistory};
-use crate::stats::{record, Counters, Phase, TickStats};
+use crate::shard::snapshot::{Scratch, ViewerHistory};
+use crate::shard::stats::{record, Counters, Phase, TickStats};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::{Duration, Instant};

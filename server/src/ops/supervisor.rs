@@ -12,25 +12,11 @@
 //! (broadcast a command to the shards, call the fleet hook, stop). Tests drive it with a
 //! virtual clock (`tests` below).
 
-use crate::ops::{Command, ShardReport};
+use crate::fleet::Capacity;
+use crate::shard::operator::{Command, ShardReport};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Process-wide capacity, computed from the shard reports for the fleet hook.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Capacity {
-    /// Rooms open.
-    pub rooms: usize,
-    /// Rooms the process could hold (player capacity over room size).
-    pub rooms_capacity: usize,
-    /// Players connected.
-    pub players: usize,
-    /// Players the process could hold (shards times connections per shard).
-    pub players_capacity: usize,
-    /// The open rooms' ids, in decimal.
-    pub room_ids: Vec<String>,
-}
 
 /// What the supervisor needs to know of the process.
 #[derive(Debug, Clone)]
@@ -279,7 +265,7 @@ mod tests {
                 rooms: Vec::new(),
                 players,
                 connections: players,
-                drain: crate::ops::DrainState::Serving,
+                drain: crate::shard::operator::DrainState::Serving,
                 drained,
                 cpu_seconds: 0.0,
             }));

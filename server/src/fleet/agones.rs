@@ -1389,7 +1389,7 @@ impl AgonesFleet {
     }
 }
 
-impl crate::runtime::Fleet for AgonesFleet {
+impl crate::fleet::Fleet for AgonesFleet {
     fn ready(&mut self) {
         self.sdk.ready();
     }
@@ -1403,7 +1403,7 @@ impl crate::runtime::Fleet for AgonesFleet {
         self.sdk.set_healthy(healthy);
     }
 
-    fn set_capacity(&mut self, c: &crate::runtime::Capacity) {
+    fn set_capacity(&mut self, c: &crate::fleet::Capacity) {
         self.sdk.set_capacity(Capacity {
             rooms: c.rooms as u64,
             rooms_capacity: c.rooms_capacity as u64,

@@ -1,6 +1,6 @@
 //! The shard watchdog: notices a shard whose clock stopped.
 //!
-//! Every shard's tick task stamps a heartbeat in the [`Hub`](crate::admin::Hub) at each
+//! Every shard's tick task stamps a heartbeat in the [`Hub`](crate::ops::admin::Hub) at each
 //! housekeeping pass (every `HOUSEKEEPING_INTERVAL`, 50 ms, loaded or idle: the pass runs
 //! whether or not there are rooms). The supervisor reads the heartbeats every 50 ms and hands
 //! them to a [`Watchdog`], which says when a shard has been silent for longer than its bound

@@ -1,3 +1,6 @@
+//! The network: sockets and kernel steering (this module), the connection IDs steering reads
+//! ([`cid`]), and certificates and QUIC settings ([`tls`]).
+//!
 //! Sockets: one public UDP port shared by every shard, steered by connection ID.
 //!
 //! Each shard gets its own UDP socket bound to the same address with `SO_REUSEPORT`. A classic
@@ -6,10 +9,13 @@
 //! 1; long header: offset 6, after flags, version and the DCID length) and returns it modulo
 //! the number of shards. A client's first Initial carries a random DCID, so new connections
 //! spread over shards; every later packet carries a connection ID the accepting shard issued
-//! ([`crate::cid`]), so it reaches that shard even after the client's address changes.
+//! ([`crate::net::cid`]), so it reaches that shard even after the client's address changes.
 //!
 //! Where the kernel refuses the program, each shard binds its own port instead (base port
 //! plus the shard number), and the server logs it.
+
+pub mod cid;
+pub mod tls;
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
