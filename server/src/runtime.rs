@@ -567,7 +567,9 @@ impl Io {
     /// next run [`ShardCore::handle_due`].
     fn flush(&mut self, core: &mut ShardCore) -> Instant {
         self.retry_mesh_backlog();
-        let wake = core.poll_outputs(Instant::now(), self);
+        let now = Instant::now();
+        core.poll_outputs(now, self);
+        let wake = core.next_due(now);
         let mut f = self.batch.flush(&self.socket);
         f.errors += std::mem::take(&mut self.unbatched.errors);
         f.calls += std::mem::take(&mut self.unbatched.calls);

@@ -21,9 +21,9 @@
 //! - outputs, to take after every input: [`ShardCore::poll_outputs`] hands them to an
 //!   [`Outputs`] in this order: [`ShardCore::poll_transmit`] until `None` (UDP datagrams to
 //!   send), [`ShardCore::poll_shard_message`] until `None` (messages for other shards),
-//!   [`ShardCore::poll_room_result`] until `None` (results of rooms that ended), and returns
-//!   the earlier of [`ShardCore::poll_timeout`] and [`ShardCore::next_tick`] (when to call
-//!   [`ShardCore::handle_due`] again). The runtime and the test harness both drive the core
+//!   [`ShardCore::poll_room_result`] until `None` (results of rooms that ended); then
+//!   [`ShardCore::next_due`], the earlier of [`ShardCore::poll_timeout`] and
+//!   [`ShardCore::next_tick`], says when to call [`ShardCore::handle_due`] again. The runtime and the test harness both drive the core
 //!   this way and no other.
 //!
 //! # Sessions
@@ -632,8 +632,9 @@ impl ShardCore {
     // ---- outputs ----
 
     /// Hands every output queued so far to `out`: datagrams, then messages for other shards,
-    /// then room results. Returns when [`ShardCore::handle_due`] must next be called.
-    pub fn poll_outputs(&mut self, now: Instant, out: &mut impl Outputs) -> Instant {
+    /// then room results. Then ask [`ShardCore::next_due`] when to call
+    /// [`ShardCore::handle_due`] (a driver that has other inputs to feed first need not).
+    pub fn poll_outputs(&mut self, now: Instant, out: &mut impl Outputs) {
         let mut buf = std::mem::take(&mut self.tx_buf);
         while let Some(t) = self.poll_transmit(now, &mut buf) {
             out.transmit(&t, &buf[..t.size]);
@@ -645,7 +646,6 @@ impl ShardCore {
         while let Some(r) = self.poll_room_result() {
             out.room_result(r);
         }
-        self.next_due(now)
     }
 
     /// When [`ShardCore::handle_due`] must next be called: the earlier of
