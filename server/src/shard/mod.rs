@@ -7,8 +7,9 @@
 //! Its parts, each in its own file: [`room`] (seats, input queues, the tick pipeline),
 //! [`snapshot`] (per-viewer delta snapshots), [`mesh`] (messages between shards), [`stats`]
 //! (counters and histograms), [`operator`] (commands operators may give a shard, the report
-//! it publishes, drain states, room results). Connections, sessions, matchmaking and the
-//! room directory are in this file.
+//! it publishes, drain states, room results), [`matchmaking`] (where quick match seats a
+//! player, and the directory of other shards' rooms). Connections and sessions are in this
+//! file.
 //!
 //! # Methods
 //! - getters: [`ShardCore::id`], [`ShardCore::counters`], [`ShardCore::tick_stats`],
@@ -34,6 +35,7 @@
 //! defined answer (see PROTOCOL.md): ignored and counted, an `Error` message, or the one
 //! connection closed with an application error code and reason. Other players never notice.
 
+pub mod matchmaking;
 pub mod mesh;
 pub mod operator;
 pub mod room;
@@ -43,6 +45,7 @@ pub mod stats;
 use crate::game::{ModeSpec, Standing};
 use crate::ids::{ConnKey, PlayerId, RoomId, ShardId, Tick};
 use crate::net::cid::ShardCidGenerator;
+use crate::shard::matchmaking::{Candidate, Directory, QuickMatch};
 use crate::shard::mesh::{JoinedInfo, RoomSummary, ShardMsg};
 use crate::shard::operator::{Command, CommandError, DrainState, RoomEnd, RoomResult, ShardReport};
 use crate::shard::room::{JoinError, Room, RoomOutput, Route};
@@ -77,8 +80,7 @@ pub const CONTROL_RATE: f64 = 20.0;
 pub const CONTROL_BURST: f64 = 40.0;
 /// Most bytes of control messages the server holds for a client that does not read them.
 pub const MAX_CONTROL_BACKLOG: usize = 256 * 1024;
-/// How often a shard tells the others which of its rooms have free seats, at most.
-pub const DIRECTORY_INTERVAL: Duration = Duration::from_millis(100);
+pub use matchmaking::DIRECTORY_INTERVAL;
 
 /// How often hello deadlines, empty rooms and the room directory are checked. Hello
 /// deadlines and room grace periods hold to within this.
@@ -215,9 +217,7 @@ pub struct ShardCore {
     next_room: u64,
     /// Players from other shards seated here, and their room.
     guests: HashMap<PlayerId, RoomId>,
-    directory: Vec<Vec<RoomSummary>>,
-    directory_dirty: bool,
-    directory_sent: Option<Instant>,
+    directory: Directory,
     outbox: VecDeque<(ShardId, ShardMsg)>,
     rng: ChaCha8Rng,
     fbb: FlatBufferBuilder<'static>,
@@ -257,7 +257,7 @@ impl ShardCore {
         );
         let modes = config.modes.iter().cloned().map(Rc::new).collect();
         ShardCore {
-            directory: vec![Vec::new(); config.shards as usize],
+            directory: Directory::new(config.shard, config.shards),
             modes,
             endpoint,
             conns: Vec::new(),
@@ -271,8 +271,6 @@ impl ShardCore {
             room_index: HashMap::new(),
             next_room: 1,
             guests: HashMap::new(),
-            directory_dirty: false,
-            directory_sent: None,
             outbox: VecDeque::new(),
             rng,
             fbb: FlatBufferBuilder::with_capacity(1024),
@@ -579,7 +577,7 @@ impl ShardCore {
                 if let Some(room) = self.guests.remove(&player) {
                     if let Some(&ri) = self.room_index.get(&room) {
                         self.rooms[ri].leave(player, now);
-                        self.directory_dirty = true;
+                        self.directory.mark_changed();
                     }
                 }
             }
@@ -611,9 +609,7 @@ impl ShardCore {
                 }
             }
             ShardMsg::Directory { from, rooms } => {
-                if let Some(d) = self.directory.get_mut(from.0 as usize) {
-                    *d = rooms;
-                }
+                self.directory.update(from, rooms);
             }
         }
     }
@@ -1193,30 +1189,19 @@ impl ShardCore {
         if !self.modes.iter().any(|m| m.name == mode) {
             return self.send_error(ch, codes::UNKNOWN_MODE, "no such game mode", now);
         }
-        // Quick match: a local room with a free seat (the fullest, so rooms fill up), else a
+        // Quick match (see `matchmaking`): the fullest local room with a free seat, else a
         // room another shard advertised, else a new local room.
-        let local = self
-            .rooms
-            .iter()
-            .filter(|r| r.mode().name == mode && r.free_seats() > 0)
-            .max_by_key(|r| (r.players(), Reverse(r.id())))
-            .map(Room::id);
-        if let Some(room) = local {
+        let local = self.rooms.iter().map(|r| Candidate {
+            room: r.id(),
+            mode: &r.mode().name,
+            players: r.players(),
+            free: r.free_seats(),
+        });
+        let choice = self.directory.quick_match(&mode, local);
+        if let QuickMatch::Local(room) = choice {
             return self.quick_join_local(ch, player, room, now);
         }
-        let remote = self
-            .directory
-            .iter()
-            .flatten()
-            .filter(|s| s.mode == mode && s.free > 0)
-            .min_by_key(|s| (s.free, s.room))
-            .map(|s| s.room);
-        if let Some(room) = remote {
-            // Count the seat as taken until the next directory update, so a burst of quick
-            // matches spreads over rooms instead of all racing for the last seat.
-            if let Some(s) = self.directory.iter_mut().flatten().find(|s| s.room == room) {
-                s.free -= 1;
-            }
+        if let QuickMatch::Remote(room) = choice {
             let c = self.conns[ch].as_mut().expect("checked above");
             c.session.seat = Seat::Joining {
                 room,
@@ -1318,7 +1303,7 @@ impl ShardCore {
             JoinError::Full => codes::ROOM_FULL,
             JoinError::AlreadyIn => codes::ALREADY_IN_ROOM,
         })?;
-        self.directory_dirty = true;
+        self.directory.mark_changed();
         Ok(ControlMsg::Joined {
             room_id: room.0,
             mode: r.mode().name.clone(),
@@ -1346,7 +1331,7 @@ impl ShardCore {
         room.offset_schedule(self.free_phase(room.period(), now));
         self.rooms.push(room);
         self.counters.rooms_created += 1;
-        self.directory_dirty = true;
+        self.directory.mark_changed();
         info!(shard = self.config.shard.0, room = %id, mode, "room created");
         id
     }
@@ -1398,7 +1383,7 @@ impl ShardCore {
         if room.shard() == self.config.shard {
             if let Some(&ri) = self.room_index.get(&room) {
                 self.rooms[ri].leave(player, now);
-                self.directory_dirty = true;
+                self.directory.mark_changed();
             }
         } else {
             self.outbox
@@ -1640,7 +1625,7 @@ impl ShardCore {
             standings,
         });
         self.counters.rooms_closed += 1;
-        self.directory_dirty = true;
+        self.directory.mark_changed();
     }
 
     /// Ends room `i` with its players still seated: each gets `Left` with `reason`, then the
@@ -1693,17 +1678,9 @@ impl ShardCore {
     }
 
     fn publish_directory(&mut self, now: Instant) {
-        if !self.directory_dirty || self.config.shards < 2 {
+        if !self.directory.advertise_due(now) {
             return;
         }
-        if self
-            .directory_sent
-            .is_some_and(|t| now.saturating_duration_since(t) < DIRECTORY_INTERVAL)
-        {
-            return;
-        }
-        self.directory_dirty = false;
-        self.directory_sent = Some(now);
         let rooms: Vec<RoomSummary> = self
             .rooms
             .iter()
@@ -1714,16 +1691,14 @@ impl ShardCore {
                 free: r.free_seats() as u16,
             })
             .collect();
-        for s in 0..self.config.shards {
-            if s != self.config.shard.0 {
-                self.outbox.push_back((
-                    ShardId(s),
-                    ShardMsg::Directory {
-                        from: self.config.shard,
-                        rooms: rooms.clone(),
-                    },
-                ));
-            }
+        for to in self.directory.peers() {
+            self.outbox.push_back((
+                to,
+                ShardMsg::Directory {
+                    from: self.config.shard,
+                    rooms: rooms.clone(),
+                },
+            ));
         }
     }
 }
