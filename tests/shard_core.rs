@@ -20,22 +20,7 @@ fn room_of(net: &Net, i: usize) -> Option<u64> {
 }
 
 fn join_all(net: &mut Net) {
-    for i in 0..net.clients.len() {
-        net.clients[i].client.join(None, "arena");
-    }
-    // `Joined` travels on the reliable stream: under loss it may need a retransmission.
-    let deadline = net.now() + Duration::from_secs(3);
-    net.run_for(Duration::from_millis(300));
-    while (0..net.clients.len()).any(|i| room_of(net, i).is_none()) && net.now() < deadline {
-        net.run_for(Duration::from_millis(50));
-    }
-    for i in 0..net.clients.len() {
-        assert!(
-            room_of(net, i).is_some(),
-            "client {i} not seated: {:?}",
-            net.events(i)
-        );
-    }
+    net.join_all();
 }
 
 fn server_code(net: &Net, i: usize) -> Option<u64> {
@@ -74,15 +59,13 @@ fn handshake_to_snapshot() {
 
 #[test]
 fn fifty_clients_in_several_rooms() {
-    let mut net = Net::new(NetConfig {
-        capacity: 10,
-        ..Default::default()
-    });
-    for _ in 0..50 {
-        net.add_client();
-    }
-    net.connect_all(Duration::from_secs(3));
-    join_all(&mut net);
+    let mut net = Net::seated(
+        50,
+        NetConfig {
+            capacity: 10,
+            ..Default::default()
+        },
+    );
     let rooms = net.shards[0].rooms();
     assert_eq!(rooms.len(), 5, "{rooms:?}");
     assert!(rooms.iter().all(|r| r.players == 10), "{rooms:?}");
@@ -123,17 +106,15 @@ fn redundancy_recovers_inputs_under_15_percent_loss() {
         jitter: Duration::from_millis(10),
         ..Default::default()
     };
-    let mut net = Net::new(NetConfig {
-        up: lossy,
-        down: lossy,
-        seed: 7,
-        ..Default::default()
-    });
-    for _ in 0..10 {
-        net.add_client();
-    }
-    net.connect_all(Duration::from_secs(10));
-    join_all(&mut net);
+    let mut net = Net::seated(
+        10,
+        NetConfig {
+            up: lossy,
+            down: lossy,
+            seed: 7,
+            ..Default::default()
+        },
+    );
     net.play(300, |i, t| {
         Some((((t / 30) as i32 * 40 + i as i32) as i8, 30, 0, 0))
     });
@@ -169,10 +150,8 @@ fn redundancy_recovers_inputs_under_15_percent_loss() {
 
 #[test]
 fn speed_hack_and_input_flood_are_clamped() {
-    let mut net = Net::new(NetConfig::default());
-    let cheat = net.add_client();
-    net.connect_all(Duration::from_secs(2));
-    join_all(&mut net);
+    let mut net = Net::seated(1, NetConfig::default());
+    let cheat = 0;
     net.play(5, |_, _| Some((0, 0, 0, 0)));
     let start = *net.clients[cheat].client.own_entity().unwrap();
     let ticks = 60;
@@ -455,11 +434,9 @@ fn second_hello_is_a_protocol_violation() {
 
 #[test]
 fn chat_reaches_the_room() {
-    let mut net = Net::new(NetConfig::default());
-    let a = net.add_client();
-    let b = net.add_client();
-    net.connect_all(Duration::from_secs(2));
-    join_all(&mut net);
+    let mut net = Net::seated(2, NetConfig::default());
+    let a = 0;
+    let b = 1;
     net.clients[a].client.chat("gg");
     net.run_for(Duration::from_millis(100));
     let from = net.clients[a].client.player_id();
@@ -610,13 +587,14 @@ fn cross_shard_join_and_quick_match() {
 
 #[test]
 fn leave_disconnect_and_idle_timeout_free_seats_and_empty_rooms_close() {
-    let mut net = Net::new(NetConfig {
-        empty_room_grace: Duration::from_secs(2),
-        ..Default::default()
-    });
-    let (a, b, c) = (net.add_client(), net.add_client(), net.add_client());
-    net.connect_all(Duration::from_secs(2));
-    join_all(&mut net);
+    let mut net = Net::seated(
+        3,
+        NetConfig {
+            empty_room_grace: Duration::from_secs(2),
+            ..Default::default()
+        },
+    );
+    let (a, b, c) = (0, 1, 2);
     let room = RoomId(room_of(&net, a).unwrap());
     let players = |net: &Net| net.shards[0].room(room).map(|r| r.players());
     assert_eq!(players(&net), Some(3));
@@ -659,15 +637,13 @@ fn leave_disconnect_and_idle_timeout_free_seats_and_empty_rooms_close() {
 
 #[test]
 fn a_connection_stays_on_its_shard_when_the_client_address_changes() {
-    let mut net = Net::new(NetConfig {
-        shards: 2,
-        ..Default::default()
-    });
-    for _ in 0..4 {
-        net.add_client();
-    }
-    net.connect_all(Duration::from_secs(2));
-    join_all(&mut net);
+    let mut net = Net::seated(
+        4,
+        NetConfig {
+            shards: 2,
+            ..Default::default()
+        },
+    );
     let c = 0;
     let player = PlayerId(net.clients[c].client.player_id());
     let shard = player.shard().0 as usize;
@@ -736,13 +712,14 @@ fn a_join_the_other_shard_never_answers_times_out() {
 
 #[test]
 fn a_full_shard_refuses_new_connections_and_keeps_its_players() {
-    let mut net = Net::new(NetConfig {
-        max_connections: 2,
-        ..Default::default()
-    });
-    let (a, b) = (net.add_client(), net.add_client());
-    net.connect_all(Duration::from_secs(2));
-    join_all(&mut net);
+    let mut net = Net::seated(
+        2,
+        NetConfig {
+            max_connections: 2,
+            ..Default::default()
+        },
+    );
+    let (a, b) = (0, 1);
     let c = net.add_client();
     net.run_for(Duration::from_secs(2));
     assert!(
@@ -771,18 +748,16 @@ fn bot_actions(
         reorder: 0.02,
         duplicate: 0.01,
     };
-    let mut net = Net::new(NetConfig {
-        seed,
-        up: link,
-        down: link,
-        capacity: 8,
-        ..Default::default()
-    });
-    for _ in 0..8 {
-        net.add_client();
-    }
-    net.connect_all(Duration::from_secs(10));
-    join_all(&mut net);
+    let mut net = Net::seated(
+        8,
+        NetConfig {
+            seed,
+            up: link,
+            down: link,
+            capacity: 8,
+            ..Default::default()
+        },
+    );
     let mut brains: Vec<Brain> = (0..8).map(|i| Brain::new(behavior, seed, i)).collect();
     let mut checks: Vec<MovementCheck> = (0..8)
         .map(|_| MovementCheck::new(net.config.tick_rate, behavior.exact_movement()))
@@ -938,10 +913,8 @@ fn drain_notifies_refuses_new_connections_and_new_rooms_and_ends_rooms_with_resu
 
 #[test]
 fn drain_grace_expiry_closes_what_remains_with_shutting_down() {
-    let mut net = Net::new(NetConfig::default());
-    let (a, b) = (net.add_client(), net.add_client());
-    net.connect_all(Duration::from_secs(2));
-    join_all(&mut net);
+    let mut net = Net::seated(2, NetConfig::default());
+    let (a, b) = (0, 1);
     net.play(10, |_, _| Some((0, 10, 0, 0)));
     drain(&mut net, 0, Duration::from_secs(2));
     net.play(30, |_, _| Some((0, 10, 0, 0)));
@@ -964,13 +937,14 @@ fn drain_grace_expiry_closes_what_remains_with_shutting_down() {
 
 #[test]
 fn operators_close_rooms_and_kick_players() {
-    let mut net = Net::new(NetConfig {
-        shards: 2,
-        ..Default::default()
-    });
-    let (a, b, c) = (net.add_client(), net.add_client(), net.add_client());
-    net.connect_all(Duration::from_secs(2));
-    join_all(&mut net);
+    let mut net = Net::seated(
+        3,
+        NetConfig {
+            shards: 2,
+            ..Default::default()
+        },
+    );
+    let (a, b, c) = (0, 1, 2);
     let room = RoomId(room_of(&net, a).unwrap());
     // Quick match may have opened a room per shard; the close reaches the room's members
     // wherever their connections live.
@@ -1041,15 +1015,13 @@ fn operators_close_rooms_and_kick_players() {
 /// tick about an eighth of a period apart (a room tick would otherwise wait for seven others).
 #[test]
 fn rooms_created_together_tick_apart() {
-    let mut net = Net::new(NetConfig {
-        capacity: 1,
-        ..NetConfig::default()
-    });
-    for _ in 0..8 {
-        net.add_client();
-    }
-    net.connect_all(Duration::from_secs(2));
-    join_all(&mut net);
+    let net = Net::seated(
+        8,
+        NetConfig {
+            capacity: 1,
+            ..NetConfig::default()
+        },
+    );
     let period = Duration::from_secs(1) / net.config.tick_rate as u32;
     let p = period.as_nanos();
     let now = net.now();
@@ -1082,12 +1054,7 @@ fn rooms_created_together_tick_apart() {
 /// the delayed-ACK timer firing before the next packet).
 #[test]
 fn acknowledgements_ride_on_inputs_and_snapshots() {
-    let mut net = Net::new(NetConfig::default());
-    for _ in 0..10 {
-        net.add_client();
-    }
-    net.connect_all(Duration::from_secs(2));
-    join_all(&mut net);
+    let mut net = Net::seated(10, NetConfig::default());
     net.play(30, |_, _| Some((10, 0, 0, 0)));
     let figures = |net: &Net| {
         (
@@ -1118,10 +1085,8 @@ fn acknowledgements_ride_on_inputs_and_snapshots() {
 /// gets the old player's 90 snapshots).
 #[test]
 fn a_reused_connection_slot_gets_nothing_meant_for_its_last_player() {
-    let mut net = Net::new(NetConfig::default());
-    let (a, c) = (net.add_client(), net.add_client());
-    net.connect_all(Duration::from_secs(2));
-    join_all(&mut net);
+    let mut net = Net::seated(2, NetConfig::default());
+    let (a, c) = (0, 1);
     let room = room_of(&net, a).unwrap();
     assert_eq!(room_of(&net, c), Some(room));
     let old = PlayerId(net.clients[a].client.player_id());

@@ -509,6 +509,41 @@ impl Net {
         self.run_until(until);
     }
 
+    /// A network of `n` clients on `config`'s shards, every one welcomed and seated by quick
+    /// match in the first mode (`arena`): the setup most tests start from.
+    pub fn seated(n: usize, config: NetConfig) -> Net {
+        let mut net = Net::new(config);
+        for _ in 0..n {
+            net.add_client();
+        }
+        net.connect_all(Duration::from_secs(20));
+        net.join_all();
+        net
+    }
+
+    /// Asks every client to quick-match into `arena` and runs until all are seated (`Joined`
+    /// travels on the reliable stream: under loss it may need a retransmission); panics with
+    /// the events of the first client not seated after 3 s.
+    pub fn join_all(&mut self) {
+        for c in &mut self.clients {
+            c.client.join(None, "arena");
+            c.dirty = true;
+        }
+        let seated = |net: &Net| {
+            net.clients
+                .iter()
+                .position(|c| !matches!(c.client.state(), client_sim::SessionState::InRoom { .. }))
+        };
+        let deadline = self.now() + Duration::from_secs(3);
+        self.run_for(Duration::from_millis(300));
+        while seated(self).is_some() && self.now() < deadline {
+            self.run_for(Duration::from_millis(50));
+        }
+        if let Some(i) = seated(self) {
+            panic!("client {i} not seated: {:?}", self.events(i));
+        }
+    }
+
     /// Runs until every client is welcomed (or panics after `limit`).
     pub fn connect_all(&mut self, limit: Duration) {
         let deadline = self.now() + limit;
