@@ -441,66 +441,76 @@ impl Net {
         for c in &mut self.clients {
             c.dirty = true;
         }
-        let mut guard = 0u64;
-        loop {
-            guard += 1;
-            assert!(guard < 10_000_000, "livelock: the network never settles");
-            self.collect();
-            if self.mesh_down {
-                self.mesh.clear();
-            }
-            while let Some((to, msg)) = self.mesh.pop_front() {
-                let now = self.now();
-                let shard = &mut self.shards[to.0 as usize];
-                server(self.measure, || shard.handle_shard_message(now, msg));
-                self.collect();
-            }
-            let Some(next) = self.next_event() else {
-                self.now.set(until);
-                return;
-            };
-            if next > until {
-                self.now.set(until);
-                return;
-            }
-            let now = next.max(self.now());
-            self.now.set(now);
-            // Deliver due datagrams.
-            while let Some(&Reverse((at, seq))) = self.queue.peek() {
-                if at > now {
-                    break;
-                }
-                self.queue.pop();
-                let f = self.flights.remove(&seq).unwrap();
-                match f.dest {
-                    Dest::Server => {
-                        self.delivered_up += 1;
-                        let s = self.steer(&f.data);
-                        let data = BytesMut::from(&f.data[..]);
-                        let shard = &mut self.shards[s];
-                        server(self.measure, || {
-                            shard.handle_datagram(now, f.from, None, data)
-                        });
-                    }
-                    Dest::Client(i) => {
-                        let data = BytesMut::from(&f.data[..]);
-                        let c = &mut self.clients[i];
-                        c.dirty = true;
-                        client(self.measure, || c.client.handle_datagram(now, f.from, data));
-                    }
-                }
-            }
+        let mut steps = 0u64;
+        while self.step(until) {
+            steps += 1;
+            assert!(steps < 10_000_000, "livelock: the network never settles");
+        }
+    }
+
+    /// One step of the network: route every output, deliver what the mesh holds, then move
+    /// the clock to the next event (a datagram's arrival, a shard's or a client's deadline) if
+    /// it is not after `until`, and run everything due then. Returns false, with the clock at
+    /// `until`, when nothing more happens by then.
+    pub fn step(&mut self, until: Instant) -> bool {
+        self.collect();
+        if self.mesh_down {
+            self.mesh.clear();
+        }
+        while let Some((to, msg)) = self.mesh.pop_front() {
+            let now = self.now();
             let on = self.measure;
-            for s in &mut self.shards {
-                server(on, || s.handle_due(now));
+            let shard = &mut self.shards[to.0 as usize];
+            let _side = tracing::info_span!("shard", id = to.0).entered();
+            server(on, || shard.handle_shard_message(now, msg));
+            drop(_side);
+            self.collect();
+        }
+        let next = self.next_event().filter(|&t| t <= until);
+        let Some(next) = next else {
+            self.now.set(until);
+            return false;
+        };
+        let now = next.max(self.now());
+        self.now.set(now);
+        let on = self.measure;
+        // Deliver due datagrams.
+        while let Some(&Reverse((at, seq))) = self.queue.peek() {
+            if at > now {
+                break;
             }
-            for c in &mut self.clients {
-                if c.timeout.is_some_and(|t| t <= now) {
+            self.queue.pop();
+            let f = self.flights.remove(&seq).unwrap();
+            match f.dest {
+                Dest::Server => {
+                    self.delivered_up += 1;
+                    let s = self.steer(&f.data);
+                    let data = BytesMut::from(&f.data[..]);
+                    let shard = &mut self.shards[s];
+                    let _side = tracing::info_span!("shard", id = s).entered();
+                    server(on, || shard.handle_datagram(now, f.from, None, data));
+                }
+                Dest::Client(i) => {
+                    let data = BytesMut::from(&f.data[..]);
+                    let c = &mut self.clients[i];
                     c.dirty = true;
-                    client(on, || c.client.handle_timeout(now));
+                    let _side = tracing::info_span!("client", id = i).entered();
+                    client(on, || c.client.handle_datagram(now, f.from, data));
                 }
             }
         }
+        for (i, s) in self.shards.iter_mut().enumerate() {
+            let _side = tracing::info_span!("shard", id = i).entered();
+            server(on, || s.handle_due(now));
+        }
+        for (i, c) in self.clients.iter_mut().enumerate() {
+            if c.timeout.is_some_and(|t| t <= now) {
+                c.dirty = true;
+                let _side = tracing::info_span!("client", id = i).entered();
+                client(on, || c.client.handle_timeout(now));
+            }
+        }
+        true
     }
 
     /// Runs for `d` of virtual time.
