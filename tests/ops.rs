@@ -118,11 +118,15 @@ struct Sample {
     value: f64,
 }
 
-/// A strict parser of the Prometheus text format 0.0.4 as tickshard writes it: every sample
-/// line is `name{labels} value` (labels optional), every family has HELP then TYPE before its
-/// samples, sample names belong to their family (`_bucket`, `_sum`, `_count` for histograms),
-/// and every histogram series has cumulative buckets ending in `+Inf` equal to `_count`.
+/// A strict parser of the OpenMetrics text format as tickshard writes it: every sample line
+/// is `name{labels} value` (labels optional), every family has HELP then TYPE before its
+/// samples, sample names belong to their family (`_total` for counters, `_info` for info,
+/// `_bucket`, `_sum`, `_count` for histograms), every histogram series has cumulative
+/// buckets ending in `+Inf` equal to `_count`, and the exposition ends with `# EOF`.
 fn parse_prometheus(text: &str) -> Vec<Sample> {
+    let text = text
+        .strip_suffix("# EOF\n")
+        .expect("the exposition ends with # EOF");
     let mut samples = Vec::new();
     let mut types: BTreeMap<String, String> = BTreeMap::new();
     let mut helped: BTreeSet<String> = BTreeSet::new();
@@ -138,7 +142,7 @@ fn parse_prometheus(text: &str) -> Vec<Sample> {
             let (name, kind) = rest.split_once(' ').expect("TYPE has a kind");
             assert!(helped.contains(name), "TYPE before HELP for {name}");
             assert!(
-                ["counter", "gauge", "histogram"].contains(&kind),
+                ["counter", "gauge", "histogram", "info"].contains(&kind),
                 "bad type {kind}"
             );
             assert!(
@@ -185,15 +189,16 @@ fn parse_prometheus(text: &str) -> Vec<Sample> {
             "bad metric name {name}"
         );
         let (family, kind) = current.as_ref().expect("sample before TYPE");
-        let ok = if kind == "histogram" {
-            [
+        let ok = match kind.as_str() {
+            "histogram" => [
                 format!("{family}_bucket"),
                 format!("{family}_sum"),
                 format!("{family}_count"),
             ]
-            .contains(&name)
-        } else {
-            &name == family
+            .contains(&name),
+            "counter" => name == format!("{family}_total"),
+            "info" => name == format!("{family}_info"),
+            _ => &name == family,
         };
         assert!(ok, "sample {name} outside its family {family}");
         samples.push(Sample {

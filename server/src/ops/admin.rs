@@ -13,7 +13,7 @@
 //! seconds and the odd action; one thread is plenty and cannot be made to use more.
 //!
 //! # Endpoints
-//! - `GET /metrics` (Prometheus text 0.0.4), `GET /healthz`, `GET /readyz`, `GET /status`,
+//! - `GET /metrics` (OpenMetrics text, [`crate::ops::metrics`]), `GET /healthz`, `GET /readyz`, `GET /status`,
 //!   `GET /rooms?shard=N&mode=M&min_free=K`;
 //! - `POST /rooms/{id}/close` (`{"reason": "..."}` optional), `POST /players/{id}/kick`
 //!   (`{"reason": "..."}`), `POST /shards/{n}/drain`, `POST /drain`.
@@ -22,11 +22,9 @@
 //! `Authorization: Bearer TOKEN`. Errors are JSON: `{"error": "..."}`.
 
 use crate::ids::{PlayerId, RoomId, ShardId};
+use crate::ops::metrics;
 use crate::shard::operator::{Command, CommandError, DrainState, ShardReport};
-use crate::shard::stats::PHASE_NAMES;
-use hdrhistogram::Histogram;
 use serde_json::{json, Value};
-use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
@@ -45,14 +43,6 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
 pub const ACTION_TIMEOUT: Duration = Duration::from_secs(2);
 /// A shard whose last report is older than this is not ready (reports come every 250 ms).
 pub const REPORT_STALE: Duration = Duration::from_secs(3);
-
-/// Bucket bounds (seconds) of the tick lateness and duration histograms.
-pub const TIME_BUCKETS: [f64; 16] = [
-    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-    0.1, 0.25, 0.5, 1.0,
-];
-/// Bucket bounds of the input queue depth histogram (commands).
-pub const DEPTH_BUCKETS: [f64; 9] = [0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0];
 
 /// Something for the supervisor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -558,8 +548,8 @@ pub fn route(req: &Request, hub: &Hub) -> Response {
         ["readyz"] => readyz(hub),
         ["metrics"] => Response {
             status: 200,
-            content_type: "text/plain; version=0.0.4",
-            body: render_metrics(&hub.reports(), hub.started.elapsed(), hub.is_draining()),
+            content_type: metrics::CONTENT_TYPE,
+            body: metrics::render_metrics(&hub.reports(), hub.started.elapsed(), hub.is_draining()),
         },
         ["status"] => Response::json(200, status(hub)),
         ["rooms"] => rooms(hub, &req.query),
@@ -776,335 +766,9 @@ fn rooms(hub: &Hub, query: &str) -> Response {
     Response::json(200, json!({ "rooms": list }))
 }
 
-/// Writes the `# HELP` and `# TYPE` lines of a metric family.
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-/// Writes the samples of one histogram: cumulative `_bucket{le=...}` for each bound and
-/// `+Inf`, then `_sum` and `_count`. `labels` is `key="value",...` (may be empty); `scale`
-/// converts recorded values to the exported unit (1e-6 for microseconds to seconds). The
-/// HDR histogram keeps no exact sum: `_sum` is its mean times its count.
-pub fn render_histogram(
-    out: &mut String,
-    name: &str,
-    labels: &str,
-    h: &Histogram<u64>,
-    bounds: &[f64],
-    scale: f64,
-) {
-    let sep = if labels.is_empty() { "" } else { "," };
-    let mut counts = vec![0u64; bounds.len()];
-    for v in h.iter_recorded() {
-        // The lowest value of the HDR bucket: a value recorded exactly on a bound counts
-        // under that bound.
-        let value = h.lowest_equivalent(v.value_iterated_to()) as f64 * scale;
-        if let Some(b) = bounds.iter().position(|&b| value <= b * (1.0 + 1e-9)) {
-            counts[b] += v.count_at_value();
-        }
-    }
-    let mut cumulative = 0u64;
-    for (b, c) in bounds.iter().zip(&counts) {
-        cumulative += c;
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cumulative}");
-    }
-    let total = h.len();
-    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {total}");
-    let sum = if total == 0 {
-        0.0
-    } else {
-        h.mean() * total as f64 * scale
-    };
-    let braces = |s: &str| {
-        if s.is_empty() {
-            String::new()
-        } else {
-            format!("{{{s}}}")
-        }
-    };
-    let _ = writeln!(out, "{name}_sum{} {sum}", braces(labels));
-    let _ = writeln!(out, "{name}_count{} {total}", braces(labels));
-}
-
-/// Renders every metric in the Prometheus text format 0.0.4.
-pub fn render_metrics(
-    reports: &[Option<Arc<ShardReport>>],
-    uptime: Duration,
-    draining: bool,
-) -> String {
-    let mut out = String::with_capacity(16 * 1024);
-    let shards: Vec<&ShardReport> = reports.iter().flatten().map(|r| &**r).collect();
-    let label = |r: &ShardReport| format!("shard=\"{}\"", r.shard.0);
-
-    family(
-        &mut out,
-        "tickshard_build_info",
-        "gauge",
-        "Build information.",
-    );
-    let _ = writeln!(
-        out,
-        "tickshard_build_info{{version=\"{}\"}} 1",
-        env!("CARGO_PKG_VERSION")
-    );
-    family(
-        &mut out,
-        "tickshard_uptime_seconds",
-        "gauge",
-        "Seconds since the process started.",
-    );
-    let _ = writeln!(out, "tickshard_uptime_seconds {}", uptime.as_secs_f64());
-    family(
-        &mut out,
-        "tickshard_draining",
-        "gauge",
-        "1 while the process drains.",
-    );
-    let _ = writeln!(out, "tickshard_draining {}", u8::from(draining));
-
-    family(
-        &mut out,
-        "tickshard_tick_lateness_seconds",
-        "histogram",
-        "How late each room tick started after its deadline.",
-    );
-    for r in &shards {
-        render_histogram(
-            &mut out,
-            "tickshard_tick_lateness_seconds",
-            &label(r),
-            &r.ticks.lateness_us,
-            &TIME_BUCKETS,
-            1e-6,
-        );
-    }
-    family(
-        &mut out,
-        "tickshard_tick_duration_seconds",
-        "histogram",
-        "Duration of each room tick, in total and by phase.",
-    );
-    for r in &shards {
-        let l = format!("{},phase=\"total\"", label(r));
-        render_histogram(
-            &mut out,
-            "tickshard_tick_duration_seconds",
-            &l,
-            &r.ticks.duration_us,
-            &TIME_BUCKETS,
-            1e-6,
-        );
-        for (name, h) in PHASE_NAMES.iter().zip(&r.ticks.phase_us) {
-            let l = format!("{},phase=\"{name}\"", label(r));
-            render_histogram(
-                &mut out,
-                "tickshard_tick_duration_seconds",
-                &l,
-                h,
-                &TIME_BUCKETS,
-                1e-6,
-            );
-        }
-    }
-    family(
-        &mut out,
-        "tickshard_input_queue_depth",
-        "histogram",
-        "Input commands waiting per seat at the ingest phase.",
-    );
-    for r in &shards {
-        render_histogram(
-            &mut out,
-            "tickshard_input_queue_depth",
-            &label(r),
-            &r.ticks.input_queue_depth,
-            &DEPTH_BUCKETS,
-            1.0,
-        );
-    }
-
-    type Get = fn(&ShardReport) -> f64;
-    let simple: [(&str, &str, &str, Get); 9] = [
-        (
-            "tickshard_tick_overruns_total",
-            "counter",
-            "Tick deadlines skipped.",
-            |r| r.ticks.overruns as f64,
-        ),
-        ("tickshard_ticks_total", "counter", "Room ticks run.", |r| {
-            r.ticks.ticks as f64
-        }),
-        ("tickshard_rooms", "gauge", "Rooms hosted.", |r| {
-            r.rooms.len() as f64
-        }),
-        (
-            "tickshard_players",
-            "gauge",
-            "Welcomed players connected.",
-            |r| r.players as f64,
-        ),
-        (
-            "tickshard_connections",
-            "gauge",
-            "Open QUIC connections.",
-            |r| r.connections as f64,
-        ),
-        (
-            "tickshard_handshakes_total",
-            "counter",
-            "Connections accepted.",
-            |r| r.counters.handshakes as f64,
-        ),
-        (
-            "tickshard_connections_refused_total",
-            "counter",
-            "Connections refused (full or draining).",
-            |r| r.counters.refused as f64,
-        ),
-        (
-            "tickshard_shard_draining",
-            "gauge",
-            "1 while the shard drains.",
-            |r| u8::from(r.drain.is_draining()) as f64,
-        ),
-        (
-            "tickshard_shard_cpu_seconds_total",
-            "counter",
-            "CPU time of the shard thread.",
-            |r| r.cpu_seconds,
-        ),
-    ];
-    for (name, kind, help, get) in simple {
-        family(&mut out, name, kind, help);
-        for r in &shards {
-            let _ = writeln!(out, "{name}{{{}}} {}", label(r), get(r));
-        }
-    }
-    family(
-        &mut out,
-        "tickshard_datagrams_total",
-        "counter",
-        "UDP datagrams by direction.",
-    );
-    for r in &shards {
-        let _ = writeln!(
-            out,
-            "tickshard_datagrams_total{{{},direction=\"in\"}} {}",
-            label(r),
-            r.counters.udp_in
-        );
-        let _ = writeln!(
-            out,
-            "tickshard_datagrams_total{{{},direction=\"out\"}} {}",
-            label(r),
-            r.counters.udp_out
-        );
-    }
-    family(
-        &mut out,
-        "tickshard_udp_send_calls_total",
-        "counter",
-        "Send system calls; each gives the kernel a batch of datagrams.",
-    );
-    for r in &shards {
-        let _ = writeln!(
-            out,
-            "tickshard_udp_send_calls_total{{{}}} {}",
-            label(r),
-            r.counters.udp_send_calls
-        );
-    }
-    family(
-        &mut out,
-        "tickshard_bytes_total",
-        "counter",
-        "UDP bytes by direction.",
-    );
-    for r in &shards {
-        let _ = writeln!(
-            out,
-            "tickshard_bytes_total{{{},direction=\"in\"}} {}",
-            label(r),
-            r.counters.udp_bytes_in
-        );
-        let _ = writeln!(
-            out,
-            "tickshard_bytes_total{{{},direction=\"out\"}} {}",
-            label(r),
-            r.counters.udp_bytes_out
-        );
-    }
-    family(
-        &mut out,
-        "tickshard_drops_total",
-        "counter",
-        "Things dropped, by reason.",
-    );
-    for r in &shards {
-        let c = &r.counters;
-        for (reason, v) in [
-            ("malformed_datagram", c.malformed_datagrams),
-            ("malformed_frame", c.malformed_frames),
-            ("input_not_in_room", c.input_not_in_room),
-            ("input_stale", c.inputs_stale),
-            ("input_queue_full", c.inputs_dropped),
-            ("udp_send_error", c.udp_send_errors),
-            ("datagram_send_error", c.datagram_send_errors),
-            ("snapshot_deferred", c.snapshot_deferred),
-        ] {
-            let _ = writeln!(
-                out,
-                "tickshard_drops_total{{{},reason=\"{reason}\"}} {v}",
-                label(r)
-            );
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn histogram_renders_cumulative_buckets_sum_and_count() {
-        let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
-        for v in [5u64, 20, 20, 700, 3_000, 2_000_000] {
-            h.record(v).unwrap();
-        }
-        let mut out = String::new();
-        render_histogram(
-            &mut out,
-            "m",
-            "shard=\"0\"",
-            &h,
-            &[0.00001, 0.001, 0.01],
-            1e-6,
-        );
-        let lines: Vec<&str> = out.lines().collect();
-        assert_eq!(
-            lines[..4],
-            [
-                "m_bucket{shard=\"0\",le=\"0.00001\"} 1",
-                "m_bucket{shard=\"0\",le=\"0.001\"} 4",
-                "m_bucket{shard=\"0\",le=\"0.01\"} 5",
-                "m_bucket{shard=\"0\",le=\"+Inf\"} 6",
-            ]
-        );
-        let sum: f64 = lines[4]
-            .strip_prefix("m_sum{shard=\"0\"} ")
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert!((sum - 2.003745).abs() < 0.01, "{sum}");
-        assert_eq!(lines[5], "m_count{shard=\"0\"} 6");
-        // Without labels.
-        let mut out = String::new();
-        render_histogram(&mut out, "m", "", &h, &[1.0], 1e-6);
-        assert!(out.starts_with("m_bucket{le=\"1\"} 5\nm_bucket{le=\"+Inf\"} 6\nm_sum "));
-        assert!(out.ends_with("m_count 6\n"));
-    }
 
     fn hub() -> (Hub, mpsc::Receiver<Envelope>) {
         let (tx, rx) = mpsc::channel();

@@ -6,7 +6,8 @@
 //!
 //! - [`config`]: every setting, from flags, environment and a TOML file, in that order of
 //!   precedence; `--print-config` writes the resolved settings back as TOML.
-//! - [`admin`]: the admin HTTP thread: `/healthz`, `/status`, `/metrics` (Prometheus text),
+//! - [`admin`]: the admin HTTP thread: `/healthz`, `/status`, `/metrics` ([`metrics`]:
+//!   OpenMetrics text through prometheus-client),
 //!   and the operator actions (close a room, kick a player, drain a shard or the process),
 //!   with an optional bearer token. Its `Hub` is where shards publish and take commands.
 //! - [`supervisor`]: the process's drain as a sans-IO state machine: when to drain, to cut
@@ -22,5 +23,6 @@
 pub mod admin;
 pub mod config;
 pub mod ctl;
+pub mod metrics;
 pub mod supervisor;
 pub mod watchdog;
