@@ -7,7 +7,7 @@
 //! much room it has; and it needs to be told when the process has drained and is about to
 //! exit, so it can replace it.
 //!
-//! [`Fleet`] is that hook. The supervisor thread (`runtime.rs`, deciding through
+//! [`Fleet`] is that hook. The supervisor thread (`runtime/supervise.rs`, deciding through
 //! [`crate::ops::supervisor`]) calls it from its own thread, never from a shard core, so a
 //! slow fleet manager can delay nothing but other fleet calls. Without a fleet manager the
 //! server uses a hook that does nothing.

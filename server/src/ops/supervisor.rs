@@ -7,7 +7,7 @@
 //! process is ready, whether it is healthy, and what capacity it has.
 //!
 //! [`Supervisor`] decides all of it. Like the shard core it is driven from outside: the
-//! supervisor thread in `runtime.rs` feeds it what it observes (signals, drain requests, the
+//! supervisor thread in `runtime/supervise.rs` feeds it what it observes (signals, drain requests, the
 //! shards' reports and liveness) with the time, and carries out the [`Action`]s it asks for
 //! (broadcast a command to the shards, call the fleet hook, stop). Tests drive it with a
 //! virtual clock (`tests` below).

@@ -2,7 +2,7 @@
 //!
 //! Like quinn-proto's `Connection`, [`ShardCore`] performs no I/O and reads no clock: the
 //! caller passes `now` into every call and carries out what the core asks for. In production
-//! the glommio loop of `runtime.rs` drives it; in tests a harness with a virtual clock does.
+//! the glommio loop of `runtime/shard_loop.rs` drives it; in tests a harness with a virtual clock does.
 //!
 //! Its parts, each in its own file: [`room`] (seats, input queues, the tick pipeline),
 //! [`snapshot`] (per-viewer delta snapshots), [`mesh`] (messages between shards), [`stats`]

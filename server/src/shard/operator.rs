@@ -1,6 +1,6 @@
 //! What shards tell operators and what operators tell shards: reports, commands, drain state
 //! and room results. Plain data, no I/O: the sans-IO core produces and consumes these, the
-//! runtime carries them between threads (see `runtime.rs` and `admin.rs`).
+//! runtime carries them between threads (see `runtime/` and `ops/admin.rs`).
 //!
 //! # The drain state machine (per shard)
 //! ```text
