@@ -235,7 +235,6 @@ pub fn env_name(key: &str) -> String {
     format!("TICKSHARD_{}", key.to_uppercase())
 }
 
-/// A duration in seconds (`1.5`), or with a unit (`500ms`, `30s`, `2m`).
 /// A duration: a bare number of seconds (`30`, `2.5`: what `--print-config` writes), or
 /// humantime's form (`500ms`, `10s`, `2m`, `1h 30m`).
 fn parse_duration(v: &str) -> Result<Duration, String> {
