@@ -19,10 +19,6 @@ fn room_of(net: &Net, i: usize) -> Option<u64> {
     }
 }
 
-fn join_all(net: &mut Net) {
-    net.join_all();
-}
-
 fn server_code(net: &Net, i: usize) -> Option<u64> {
     match net.closed(i) {
         Some(CloseReason::Server { code, .. }) => Some(*code),
@@ -463,7 +459,7 @@ fn scenario(seed: u64) -> Vec<Vec<(u32, Vec<u8>)>> {
         net.clients[i].client.record_snapshots(true);
     }
     net.connect_all(Duration::from_secs(10));
-    join_all(&mut net);
+    net.join_all();
     net.play(90, |i, t| {
         Some((
             ((i as u32 * 13 + t) % 255) as i8,
@@ -498,7 +494,7 @@ fn snapshots_are_deltas_against_the_acknowledged_baseline() {
         net.clients[i].client.record_snapshots(true);
     }
     net.connect_all(Duration::from_secs(2));
-    join_all(&mut net);
+    net.join_all();
     net.play(60, |_, _| Some((0, 0, 0, 0)));
     let rec = &net.clients[0].client.stats().recorded;
     let deltas = rec
@@ -1001,7 +997,7 @@ fn operators_close_rooms_and_kick_players() {
     let r = results(&mut net);
     assert_eq!(r[0].end, RoomEnd::Closed("tournament over".into()));
     // Seats are free again: the players can quick-match into a new room.
-    join_all(&mut net);
+    net.join_all();
 
     let player = PlayerId(net.clients[a].client.player_id());
     let now = net.now();

@@ -212,6 +212,9 @@ struct Queued {
     offset: usize,
     len: usize,
     to: socket2::SockAddr,
+    /// Which message carries the ECN mark: `IP_TOS` (IPv4), `IPV6_TCLASS` (IPv6), or none
+    /// (an IPv4 peer on a dual-stack socket: some kernels refuse either message there).
+    ecn_level: Option<libc::c_int>,
     ecn: u8,
     src_ip: Option<std::net::IpAddr>,
 }
@@ -244,10 +247,16 @@ impl SendBatch {
         ecn: Option<u8>,
         src_ip: Option<std::net::IpAddr>,
     ) {
+        let ecn_level = match to.ip() {
+            std::net::IpAddr::V4(_) => Some(libc::IPPROTO_IP),
+            std::net::IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => None,
+            std::net::IpAddr::V6(_) => Some(libc::IPPROTO_IPV6),
+        };
         self.queued.push(Queued {
             offset: self.data.len(),
             len: contents.len(),
             to: to.into(),
+            ecn_level,
             ecn: ecn.unwrap_or(0) & 0b11,
             src_ip,
         });
@@ -342,8 +351,6 @@ impl SendBatch {
 
 /// Writes `q`'s control messages into the buffer `hdr` points at; returns the bytes used.
 fn encode_control(hdr: &mut libc::msghdr, q: &Queued) -> usize {
-    let dest = q.to.as_socket();
-    let mapped_v4 = matches!(dest.map(|d| d.ip()), Some(std::net::IpAddr::V6(a)) if a.to_ipv4_mapped().is_some());
     let mut used = 0;
     // SAFETY: `hdr.msg_control` points at a `Control` of `msg_controllen` bytes, aligned for
     // cmsghdr, that holds both messages below; CMSG_FIRSTHDR/NXTHDR stay within it and
@@ -362,17 +369,12 @@ fn encode_control(hdr: &mut libc::msghdr, q: &Queued) -> usize {
             *c = libc::CMSG_NXTHDR(hdr, *c);
         };
         let ecn = q.ecn as libc::c_int;
-        if dest.is_some_and(|d| d.is_ipv4()) {
-            put(&mut c, libc::IPPROTO_IP, libc::IP_TOS, &ecn.to_ne_bytes());
-        } else if !mapped_v4 {
-            // An IPv4 peer on a dual-stack socket gets no ECN mark rather than a message
-            // some kernels refuse.
-            put(
-                &mut c,
-                libc::IPPROTO_IPV6,
-                libc::IPV6_TCLASS,
-                &ecn.to_ne_bytes(),
-            );
+        match q.ecn_level {
+            Some(libc::IPPROTO_IP) => {
+                put(&mut c, libc::IPPROTO_IP, libc::IP_TOS, &ecn.to_ne_bytes())
+            }
+            Some(level) => put(&mut c, level, libc::IPV6_TCLASS, &ecn.to_ne_bytes()),
+            None => {}
         }
         match q.src_ip {
             Some(std::net::IpAddr::V4(v4)) => {
@@ -514,5 +516,28 @@ mod tests {
             .map(|k| (k as u8, 1 + k % 40, (k % 2 == 0).then_some(0b10)))
             .collect();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn an_ipv6_datagram_keeps_its_ecn_mark() {
+        use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
+        let Ok(rx) = UdpSocket::bind("[::1]:0") else {
+            return; // no IPv6 loopback on this machine
+        };
+        let state = UdpSocketState::new(UdpSockRef::from(&rx)).unwrap();
+        let to = rx.local_addr().unwrap();
+        let tx = UdpSocket::bind("[::1]:0").unwrap();
+        let mut batch = SendBatch::default();
+        batch.push(b"six", to, Some(0b10), Some(to.ip()));
+        assert_eq!(batch.flush(&tx).sent, 1);
+        rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut storage = [0u8; 64];
+        let mut slices = [std::io::IoSliceMut::new(&mut storage)];
+        let mut meta = [RecvMeta::default()];
+        state
+            .recv(UdpSockRef::from(&rx), &mut slices, &mut meta)
+            .unwrap();
+        assert_eq!(meta[0].len, 3);
+        assert_eq!(meta[0].ecn.map(|e| e as u8), Some(0b10));
     }
 }

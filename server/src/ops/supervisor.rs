@@ -190,11 +190,6 @@ impl Supervisor {
         self.outcome
     }
 
-    /// Whether a drain has started.
-    pub fn draining(&self) -> bool {
-        self.drain_deadline.is_some()
-    }
-
     fn capacity(&self, reports: &[Option<Arc<ShardReport>>]) -> Capacity {
         let players_capacity = self.config.players_capacity;
         let mut c = Capacity {

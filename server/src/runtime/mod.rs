@@ -44,31 +44,19 @@ mod supervise;
 use crate::fleet::{Fleet, NoFleet};
 use crate::net::tls::{self, Identity, TransportSettings};
 use crate::net::{self, Steering};
-use crate::ops::admin::{self, Envelope, Hub, ProcessEvent, ShardFault};
+use crate::ops::admin::{self, Envelope, Hub, ProcessEvent};
 use crate::ops::config::ServeConfig;
-use crate::ops::supervisor::{Action, Observation, Outcome, Supervisor, SupervisorConfig};
-use crate::ops::watchdog::{Liveness, WatchEvent, Watchdog, WATCHDOG_BOUND};
 use crate::shard::mesh::ShardMsg;
-use crate::shard::operator::{Command, RoomResult};
-use crate::shard::stats::QuicStats;
+use crate::shard::operator::RoomResult;
+use crate::shard::ShardConfig;
 use crate::shard::HOUSEKEEPING_INTERVAL;
-use crate::shard::{Outputs, ShardConfig, ShardCore};
 use crate::{builtin_modes, ShardId};
-use bytes::BytesMut;
-use futures_lite::future;
-use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
-use glommio::{Latency, LocalExecutorBuilder, Placement, Shares};
-use hdrhistogram::Histogram;
-use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
-use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
-use std::io::IoSliceMut;
-use std::net::UdpSocket;
-use std::rc::Rc;
+use glommio::channels::channel_mesh::{Full, MeshBuilder};
+use glommio::{LocalExecutorBuilder, Placement};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 /// Most datagrams one receive pass takes before it sends what it has and yields to the other
 /// tasks (housekeeping, QUIC timers, the mesh). A room tick does not wait for the pass: after

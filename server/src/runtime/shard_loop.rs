@@ -2,7 +2,29 @@
 //! the I/O they share (`Io`: the socket with its send batch, the mesh channels, the results
 //! channel), driving the [`ShardCore`] as it documents.
 
-use super::*;
+use super::{CLOSE_LINGER, HOUSEKEEPING_INTERVAL, RECV_BOUND, REPORT_INTERVAL, STOP};
+use crate::net;
+use crate::ops::admin::{Envelope, Hub};
+use crate::shard::mesh::ShardMsg;
+use crate::shard::operator::{Command, RoomResult};
+use crate::shard::stats::QuicStats;
+use crate::shard::{Outputs, ShardConfig, ShardCore};
+use crate::ShardId;
+use bytes::BytesMut;
+use futures_lite::future;
+use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
+use glommio::{Latency, Shares};
+use hdrhistogram::Histogram;
+use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::io::IoSliceMut;
+use std::net::UdpSocket;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+use tracing::{error, info, warn};
 
 /// What a shard's runtime needs to talk to the operators' side.
 pub(super) struct OpsLink {
@@ -502,24 +524,4 @@ pub fn log_stats(core: &ShardCore, window: &mut StatsWindow) {
         t.ticks,
         t.overruns,
     ));
-}
-
-#[cfg(test)]
-mod tests {
-    use super::thread_state;
-
-    /// The calling thread reads as running (it is reading its own `/proc` entry), with a
-    /// system call field; an unknown thread id gives placeholders rather than an error.
-    #[test]
-    fn thread_state_reads_proc_and_tolerates_missing_threads() {
-        // SAFETY: gettid has no preconditions.
-        let tid = unsafe { libc::gettid() };
-        let s = thread_state(tid);
-        assert!(s.starts_with(&format!("tid {tid} state R syscall ")), "{s}");
-        assert_eq!(thread_state(0), "unknown");
-        assert_eq!(
-            thread_state(i32::MAX),
-            format!("tid {} state ? syscall ? wchan ", i32::MAX)
-        );
-    }
 }

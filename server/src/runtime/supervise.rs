@@ -2,7 +2,18 @@
 //! state machine ([`crate::ops::supervisor`]) what it observes, carries out its actions,
 //! watches the shards' heartbeats, and writes room results to the results file.
 
-use super::*;
+use super::{CAPACITY_INTERVAL, DRAIN_SLACK, SIGNALS, STOP, SUPERVISOR_INTERVAL};
+use crate::fleet::Fleet;
+use crate::ops::admin::{Hub, ProcessEvent, ShardFault};
+use crate::ops::config::ServeConfig;
+use crate::ops::supervisor::{Action, Observation, Outcome, Supervisor, SupervisorConfig};
+use crate::ops::watchdog::{Liveness, WatchEvent, Watchdog, WATCHDOG_BOUND};
+use crate::shard::operator::{Command, RoomResult};
+use crate::ShardId;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::time::Instant;
+use tracing::{error, info, warn};
 
 /// The supervisor thread: feeds the process's drain state machine ([`Supervisor`]) what it
 /// observes every `SUPERVISOR_INTERVAL` (signals, drain requests, the shards' reports and
@@ -218,5 +229,25 @@ impl ResultsFile {
             let _ = f.flush();
             let _ = f.get_ref().sync_all();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::thread_state;
+
+    /// The calling thread reads as running (it is reading its own `/proc` entry), with a
+    /// system call field; an unknown thread id gives placeholders rather than an error.
+    #[test]
+    fn thread_state_reads_proc_and_tolerates_missing_threads() {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        let s = thread_state(tid);
+        assert!(s.starts_with(&format!("tid {tid} state R syscall ")), "{s}");
+        assert_eq!(thread_state(0), "unknown");
+        assert_eq!(
+            thread_state(i32::MAX),
+            format!("tid {} state ? syscall ? wchan ", i32::MAX)
+        );
     }
 }
