@@ -235,6 +235,15 @@ pub struct Flushed {
     pub calls: u64,
 }
 
+impl Flushed {
+    /// Adds what another flush did.
+    pub fn add(&mut self, other: Flushed) {
+        self.sent += other.sent;
+        self.errors += other.errors;
+        self.calls += other.calls;
+    }
+}
+
 impl SendBatch {
     /// Datagrams per `sendmmsg` call.
     pub const BATCH: usize = 64;
@@ -271,6 +280,12 @@ impl SendBatch {
     /// Whether nothing is queued.
     pub fn is_empty(&self) -> bool {
         self.queued.is_empty()
+    }
+
+    /// Whether a whole `sendmmsg` call's worth is queued: a sender that flushes then holds at
+    /// most [`SendBatch::BATCH`] datagrams, however many a pass produces.
+    pub fn is_full(&self) -> bool {
+        self.queued.len() >= Self::BATCH
     }
 
     /// Sends every queued datagram on `socket` (non-blocking) and empties the batch.

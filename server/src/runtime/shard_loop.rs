@@ -68,10 +68,10 @@ fn thread_cpu_seconds() -> f64 {
 struct Io {
     socket: UdpSocket,
     state: UdpSocketState,
-    /// Datagrams of the current pass, sent together.
+    /// Datagrams of the current pass, sent together, a full batch at a time.
     batch: net::SendBatch,
-    /// Sends that went around the batch (GSO), counted until the flush ends.
-    unbatched: net::Flushed,
+    /// What the current flush sent so far (full batches, GSO sends), counted at its end.
+    sent: net::Flushed,
     /// Where ended rooms' results go (the supervisor).
     results: mpsc::Sender<RoomResult>,
     mesh: Option<Senders<ShardMsg>>,
@@ -89,8 +89,7 @@ impl Io {
         core.poll_outputs(now, self);
         let wake = core.next_due(now);
         let mut f = self.batch.flush(&self.socket);
-        f.errors += std::mem::take(&mut self.unbatched.errors);
-        f.calls += std::mem::take(&mut self.unbatched.calls);
+        f.add(std::mem::take(&mut self.sent));
         let c = core.counters_mut();
         c.udp_send_errors += f.errors;
         c.udp_send_calls += f.calls;
@@ -126,6 +125,9 @@ impl Outputs for Io {
             // A GSO batch (the core asks quinn for one datagram at a time, so this is not
             // expected): quinn-udp knows how to send it.
             Some(seg) if seg < t.size => {
+                // What was queued before goes first.
+                let f = self.batch.flush(&self.socket);
+                self.sent.add(f);
                 let tx = quinn_udp::Transmit {
                     destination: t.destination,
                     ecn: t
@@ -139,12 +141,18 @@ impl Outputs for Io {
                     .state
                     .send(UdpSockRef::from(&self.socket), &tx)
                     .is_err();
-                self.unbatched.calls += 1;
-                self.unbatched.errors += failed as u64;
+                self.sent.calls += 1;
+                self.sent.errors += failed as u64;
+                self.sent.sent += !failed as u64;
             }
-            _ => self
-                .batch
-                .push(contents, t.destination, t.ecn.map(|e| e as u8), t.src_ip),
+            _ => {
+                self.batch
+                    .push(contents, t.destination, t.ecn.map(|e| e as u8), t.src_ip);
+                if self.batch.is_full() {
+                    let f = self.batch.flush(&self.socket);
+                    self.sent.add(f);
+                }
+            }
         }
     }
 
@@ -232,7 +240,7 @@ pub(super) async fn run_shard(
             socket,
             state,
             batch: net::SendBatch::default(),
-            unbatched: net::Flushed::default(),
+            sent: net::Flushed::default(),
             results: link.results.clone(),
             mesh: senders,
             mesh_backlog: (0..peers_n).map(|_| VecDeque::new()).collect(),

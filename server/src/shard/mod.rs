@@ -41,6 +41,7 @@ pub mod operator;
 pub mod room;
 pub mod snapshot;
 pub mod stats;
+pub mod timers;
 
 use crate::game::{ModeSpec, Standing};
 use crate::ids::{ConnKey, PlayerId, RoomId, ShardId, Tick};
@@ -50,6 +51,7 @@ use crate::shard::mesh::{JoinedInfo, RoomSummary, ShardMsg};
 use crate::shard::operator::{Command, CommandError, DrainState, RoomEnd, RoomResult, ShardReport};
 use crate::shard::room::{JoinError, Room, RoomOutput, Route};
 use crate::shard::stats::{Counters, QuicStats, TickStats};
+use crate::shard::timers::Timers;
 use bytes::{Bytes, BytesMut};
 use flatbuffers::FlatBufferBuilder;
 use quinn_proto::{
@@ -58,8 +60,7 @@ use quinn_proto::{
 };
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -209,7 +210,8 @@ pub struct ShardCore {
     /// Welcomed players and their connections.
     players: HashMap<PlayerId, ConnKey>,
     next_player: u64,
-    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    /// Each connection's next quinn timeout, by slot.
+    timers: Timers,
     dirty: Vec<usize>,
     responses: VecDeque<(Transmit, Vec<u8>)>,
     rooms: Vec<Room>,
@@ -264,7 +266,7 @@ impl ShardCore {
             next_generation: 0,
             players: HashMap::new(),
             next_player: 1,
-            timers: BinaryHeap::new(),
+            timers: Timers::default(),
             dirty: Vec::new(),
             responses: VecDeque::new(),
             rooms: Vec::new(),
@@ -439,17 +441,10 @@ impl ShardCore {
 
     /// Runs connection timers and housekeeping due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
-        while let Some(&Reverse((t, ch, generation))) = self.timers.peek() {
-            if t > now {
-                break;
-            }
-            self.timers.pop();
+        while let Some(ch) = self.timers.pop_due(now) {
             let Some(c) = self.conns.get_mut(ch).and_then(Option::as_mut) else {
                 continue;
             };
-            if c.generation != generation || c.timer != Some(t) {
-                continue;
-            }
             c.timer = None;
             c.conn.handle_timeout(now);
             self.drive(ch, now);
@@ -684,17 +679,8 @@ impl ShardCore {
     }
 
     /// When [`ShardCore::handle_timeout`] must next be called.
-    pub fn poll_timeout(&mut self) -> Option<Instant> {
-        // Drop stale heap entries so the top is a live timer.
-        while let Some(&Reverse((t, ch, generation))) = self.timers.peek() {
-            match self.conns.get(ch).and_then(Option::as_ref) {
-                Some(c) if c.generation == generation && c.timer == Some(t) => break,
-                _ => {
-                    self.timers.pop();
-                }
-            }
-        }
-        self.timers.peek().map(|r| r.0 .0)
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next()
     }
 
     /// When [`ShardCore::handle_tick`] must next be called: the earliest room deadline or the
@@ -858,14 +844,13 @@ impl ShardCore {
         let t = c.conn.poll_timeout();
         if t != c.timer {
             c.timer = t;
-            if let Some(t) = t {
-                self.timers.push(Reverse((t, ch, c.generation)));
-            }
+            self.timers.set(ch, t);
         }
     }
 
     fn remove_conn(&mut self, ch: usize) {
         if let Some(c) = self.conns[ch].take() {
+            self.timers.set(ch, None);
             self.retired_quic.add(&c.conn.stats());
             // The endpoint learns of the drain through the connection's endpoint events,
             // already delivered in `drive`.

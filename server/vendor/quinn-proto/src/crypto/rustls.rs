@@ -40,8 +40,10 @@ pub struct TlsSession {
     got_handshake_data: bool,
     next_secrets: Option<Secrets>,
     /// tickshard: `None` once a server's handshake is over and its TLS state was released
-    /// (PATCHES.md, change 3); `released` then answers what is still asked.
-    inner: Option<Connection>,
+    /// (PATCHES.md, change 3); `released` then answers what is still asked. Boxed, so that
+    /// what stays allocated for the connection's life is small (the rustls connection is over
+    /// 1 KB inline).
+    inner: Option<Box<Connection>>,
     released: Option<Box<Released>>,
     side: Side,
     suite: Suite,
@@ -69,7 +71,7 @@ impl crypto::Session for TlsSession {
         if !self.got_handshake_data {
             return None;
         }
-        let Some(inner) = &self.inner else {
+        let Some(inner) = self.inner.as_deref() else {
             let r = self.released.as_ref()?;
             return Some(Box::new(HandshakeData {
                 protocol: r.protocol.clone(),
@@ -94,7 +96,7 @@ impl crypto::Session for TlsSession {
 
     /// For the rustls `TlsSession`, the `Any` type is `Vec<rustls::pki_types::CertificateDer>`
     fn peer_identity(&self) -> Option<Box<dyn Any>> {
-        let Some(inner) = &self.inner else {
+        let Some(inner) = self.inner.as_deref() else {
             let certs = self.released.as_ref()?.peer_certificates.clone()?;
             return Some(Box::new(certs));
         };
@@ -113,8 +115,8 @@ impl crypto::Session for TlsSession {
     }
 
     fn early_data_accepted(&self) -> Option<bool> {
-        match self.inner {
-            Some(Connection::Client(ref session)) => Some(session.is_early_data_accepted()),
+        match self.inner.as_deref() {
+            Some(Connection::Client(session)) => Some(session.is_early_data_accepted()),
             _ => None,
         }
     }
@@ -124,7 +126,7 @@ impl crypto::Session for TlsSession {
     }
 
     fn read_handshake(&mut self, buf: &[u8]) -> Result<bool, TransportError> {
-        let Some(inner) = &mut self.inner else {
+        let Some(inner) = self.inner.as_deref_mut() else {
             // A QUIC client sends no TLS message after the handshake (RFC 9001 §4.1.2,
             // §6: no KeyUpdate, no post-handshake authentication).
             return Err(TransportError::PROTOCOL_VIOLATION(
@@ -159,7 +161,7 @@ impl crypto::Session for TlsSession {
     }
 
     fn transport_parameters(&self) -> Result<Option<TransportParameters>, TransportError> {
-        let Some(inner) = &self.inner else {
+        let Some(inner) = self.inner.as_deref() else {
             return Ok(None);
         };
         match inner.quic_transport_parameters() {
@@ -245,7 +247,7 @@ impl crypto::Session for TlsSession {
     fn release_after_handshake(&mut self) {
         // Only a server's session, only once the handshake is over and everything rustls had
         // to send (handshake messages, session tickets) has been taken.
-        let Some(Connection::Server(server)) = &self.inner else {
+        let Some(Connection::Server(server)) = self.inner.as_deref() else {
             return;
         };
         if server.is_handshaking() {
@@ -416,7 +418,7 @@ impl crypto::ClientConfig for QuicClientConfig {
             version,
             got_handshake_data: false,
             next_secrets: None,
-            inner: Some(rustls::quic::Connection::Client(
+            inner: Some(Box::new(rustls::quic::Connection::Client(
                 rustls::quic::ClientConnection::new(
                     self.inner.clone(),
                     version,
@@ -426,7 +428,7 @@ impl crypto::ClientConfig for QuicClientConfig {
                     to_vec(params),
                 )
                 .unwrap(),
-            )),
+            ))),
             released: None,
             side: Side::Client,
             suite: self.initial,
@@ -574,10 +576,10 @@ impl crypto::ServerConfig for QuicServerConfig {
             version,
             got_handshake_data: false,
             next_secrets: None,
-            inner: Some(rustls::quic::Connection::Server(
+            inner: Some(Box::new(rustls::quic::Connection::Server(
                 rustls::quic::ServerConnection::new(self.inner.clone(), version, to_vec(params))
                     .unwrap(),
-            )),
+            ))),
             released: None,
             side: Side::Server,
             suite: self.initial,
@@ -707,5 +709,16 @@ fn interpret_version(version: u32) -> Result<Version, UnsupportedVersion> {
         0xff00_001d..=0xff00_0020 => Ok(Version::V1Draft),
         0x0000_0001 | 0xff00_0021..=0xff00_0022 => Ok(Version::V1),
         _ => Err(UnsupportedVersion),
+    }
+}
+
+#[cfg(test)]
+mod footprint {
+    /// What a server session keeps for a connection's life once its TLS state is released
+    /// (PATCHES.md, change 4): the rustls connection is boxed, so it is not held inline.
+    #[test]
+    fn a_session_holds_its_tls_connection_out_of_line() {
+        assert!(std::mem::size_of::<rustls::quic::Connection>() > 512);
+        assert!(std::mem::size_of::<super::TlsSession>() <= 256);
     }
 }
