@@ -3548,10 +3548,17 @@ impl Connection {
         now: Instant,
         packet: &mut Packet,
     ) -> Result<Option<u64>, Option<TransportError>> {
+        // tickshard (PATCHES.md, change 5): while our own key update is unacknowledged, a
+        // packet in the other phase is one sent before it (decrypted with `prev_crypto`), not a
+        // new update: deriving the next phase's keys for it would hold them for nothing.
         if packet.header.is_short()
             && packet.header.key_phase() != self.key_phase
             && self.next_crypto.is_none()
             && self.spaces[SpaceId::Data].crypto.is_some()
+            && self
+                .prev_crypto
+                .as_ref()
+                .is_none_or(|p| p.end_packet.is_some())
         {
             self.next_crypto = self.crypto.next_1rtt_keys();
         }
@@ -3587,15 +3594,15 @@ impl Connection {
 
     fn update_keys(&mut self, end_packet: Option<(u64, Instant)>, remote: bool) {
         trace!("executing key update");
-        if self.next_crypto.is_none() {
-            self.next_crypto = self.crypto.next_1rtt_keys();
-        }
-        // Generate keys for the key phase after the one we're switching to, store them in
-        // `next_crypto`, make the contents of `next_crypto` current, and move the current keys into
-        // `prev_crypto`.
+        // tickshard (PATCHES.md, change 5): make the next phase's keys current (deriving them if
+        // they were not yet) and move the current keys into `prev_crypto`. The keys of the phase
+        // after are derived when first needed (`decrypt_packet`, or our next update), not now:
+        // held from here on they would double every connection's key memory after its first
+        // update.
         let new = self
-            .crypto
-            .next_1rtt_keys()
+            .next_crypto
+            .take()
+            .or_else(|| self.crypto.next_1rtt_keys())
             .expect("only called for `Data` packets");
         self.key_phase_size = new
             .local
@@ -3607,7 +3614,7 @@ impl Connection {
                 .as_mut()
                 .unwrap() // safe because update_keys() can only be triggered by short packets
                 .packet,
-            mem::replace(self.next_crypto.as_mut().unwrap(), new),
+            new,
         );
         self.spaces[SpaceId::Data].sent_with_keys = 0;
         self.prev_crypto = Some(PrevCrypto {

@@ -1386,13 +1386,19 @@ fn handshake_state_is_freed_and_next_keys_are_lazy() {
         );
     }
     for initiator_is_client in [true, false, true] {
+        // Past the previous update's key discard timer (3 PTO), so that a new one may start.
+        pair.time += Duration::from_secs(1);
+        pair.drive();
         let conn = if initiator_is_client {
             pair.client_conn_mut(client_ch)
         } else {
             pair.server_conn_mut(server_ch)
         };
+        let phase = conn.current_key_phase();
         conn.force_key_update();
-        assert!(conn.retained_handshake_state().0, "the key update derived the next keys");
+        assert_ne!(conn.current_key_phase(), phase, "the key update happened");
+        // Change 5: a key update does not derive the keys of the phase after it.
+        assert!(!conn.retained_handshake_state().0, "next keys derived by a key update");
         pair.client_conn_mut(client_ch).ping();
         pair.server_conn_mut(server_ch).ping();
         pair.drive();
@@ -1402,7 +1408,36 @@ fn handshake_state_is_freed_and_next_keys_are_lazy() {
             pair.client_conn_mut(client_ch).current_key_phase(),
             pair.server_conn_mut(server_ch).current_key_phase()
         );
+        for (side, state) in [
+            ("client", pair.client_conn_mut(client_ch).retained_handshake_state()),
+            ("server", pair.server_conn_mut(server_ch).retained_handshake_state()),
+        ] {
+            assert!(!state.0, "{side} holds next keys after a key update");
+        }
     }
+}
+
+/// quinn updates keys on its own after its first 10 to 1,000 short-header packets; after that
+/// (and after the peer's answering update) neither side holds the following phase's keys.
+#[test]
+fn keys_of_the_phase_after_an_automatic_update_are_not_held() {
+    let _guard = subscribe();
+    let mut pair = Pair::default();
+    let (client_ch, server_ch) = pair.connect();
+    pair.drive();
+    let start = pair.client_conn_mut(client_ch).current_key_phase();
+    let mut updated = false;
+    for _ in 0..1_200 {
+        pair.client_conn_mut(client_ch).ping();
+        pair.server_conn_mut(server_ch).ping();
+        pair.drive();
+        updated |= pair.client_conn_mut(client_ch).current_key_phase() != start;
+    }
+    assert!(updated, "no key update within 1,200 round trips");
+    assert!(!pair.client_conn_mut(client_ch).is_closed());
+    assert!(!pair.server_conn_mut(server_ch).is_closed());
+    assert!(!pair.client_conn_mut(client_ch).retained_handshake_state().0);
+    assert!(!pair.server_conn_mut(server_ch).retained_handshake_state().0);
 }
 
 #[test]
