@@ -1145,3 +1145,32 @@ fn a_reused_connection_slot_gets_nothing_meant_for_its_last_player() {
         net.snapshots(c)
     );
 }
+
+/// A player whose address changes mid-game (a NAT rebinding, a phone moving networks) keeps
+/// its connection and its snapshots, three times over: each move uses up one of the two
+/// connection IDs the server provides, and the server replaces it.
+#[test]
+fn a_player_whose_address_changes_keeps_playing() {
+    let mut net = Net::seated(4, NetConfig::default());
+    net.run_for(Duration::from_secs(1));
+    let connections = net.shards[0].connections();
+    for k in 1..=3u8 {
+        let before = net.snapshots(0);
+        net.clients[0].addr = format!("127.0.9.{k}:4000").parse().unwrap();
+        net.run_for(Duration::from_secs(2));
+        assert!(net.closed(0).is_none(), "move {k}: {:?}", net.events(0));
+        let got = net.snapshots(0) - before;
+        // 2 s at 30 Hz is 60 snapshots; path validation may cost a few.
+        assert!(got >= 50, "move {k}: {got} snapshots in 2 s");
+        assert!(room_of(&net, 0).is_some());
+    }
+    assert_eq!(
+        net.shards[0].connections(),
+        connections,
+        "a new connection was made"
+    );
+    // The others never noticed.
+    for i in 1..4 {
+        assert!(net.closed(i).is_none());
+    }
+}

@@ -228,7 +228,11 @@ pub fn server_config(
         .stream_receive_window(VarInt::from_u32(64 * 1024))
         .receive_window(VarInt::from_u32(256 * 1024))
         .send_window(256 * 1024)
-        .ack_frequency_config(Some(ack_frequency(settings.tick_period)));
+        .ack_frequency_config(Some(ack_frequency(settings.tick_period)))
+        // Two connection IDs (one in use, one to move to on a migration) rather than the
+        // client's limit: each costs memory in the connection and in the routing table
+        // (vendored quinn-proto, PATCHES.md change 7).
+        .max_issued_connection_ids(2);
     config.transport_config(Arc::new(transport));
     config.migration(true);
     // A shard holds thousands of connections: rustls's handshake state (about 4 KB each) is

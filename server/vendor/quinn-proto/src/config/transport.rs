@@ -48,6 +48,8 @@ pub struct TransportConfig {
     pub(crate) allow_spin: bool,
     pub(crate) datagram_receive_buffer_size: Option<usize>,
     pub(crate) datagram_send_buffer_size: usize,
+    /// tickshard (PATCHES.md, change 7)
+    pub(crate) max_issued_connection_ids: u64,
     #[cfg(test)]
     pub(crate) deterministic_packet_numbers: bool,
 
@@ -309,6 +311,17 @@ impl TransportConfig {
         self
     }
 
+    /// Most connection IDs to provide to the peer at a time, the one of the handshake included
+    /// (tickshard, PATCHES.md change 7)
+    ///
+    /// The peer's `active_connection_id_limit` and quinn's own limit (8) still apply; at least 2
+    /// are provided, one to use and one to move to. Each costs memory in the connection and in
+    /// the endpoint's routing table. Defaults to 8 (stock behaviour).
+    pub fn max_issued_connection_ids(&mut self, value: u64) -> &mut Self {
+        self.max_issued_connection_ids = value.max(2);
+        self
+    }
+
     /// Whether to force every packet number to be used
     ///
     /// By default, packet numbers are occasionally skipped to ensure peers aren't ACKing packets
@@ -394,6 +407,7 @@ impl Default for TransportConfig {
             allow_spin: true,
             datagram_receive_buffer_size: Some(STREAM_RWND as usize),
             datagram_send_buffer_size: 1024 * 1024,
+            max_issued_connection_ids: 8,
             #[cfg(test)]
             deterministic_packet_numbers: false,
 
@@ -430,6 +444,7 @@ impl fmt::Debug for TransportConfig {
             allow_spin,
             datagram_receive_buffer_size,
             datagram_send_buffer_size,
+            max_issued_connection_ids,
             #[cfg(test)]
                 deterministic_packet_numbers: _,
             congestion_controller_factory: _,
@@ -462,6 +477,7 @@ impl fmt::Debug for TransportConfig {
             .field("allow_spin", allow_spin)
             .field("datagram_receive_buffer_size", datagram_receive_buffer_size)
             .field("datagram_send_buffer_size", datagram_send_buffer_size)
+            .field("max_issued_connection_ids", max_issued_connection_ids)
             // congestion_controller_factory not debug
             .field("enable_segmentation_offload", enable_segmentation_offload);
         if cfg!(feature = "qlog") {

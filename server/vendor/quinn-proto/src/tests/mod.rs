@@ -4519,3 +4519,39 @@ fn preferred_address() {
     let mut pair = Pair::new(Arc::new(EndpointConfig::default()), server_config);
     pair.connect();
 }
+
+/// tickshard (PATCHES.md, change 7): a server provides at most the configured number of
+/// connection IDs, and a client can still move to a fresh one when the one in use is retired.
+#[test]
+fn issued_connection_ids_follow_the_configured_limit() {
+    let _guard = subscribe();
+    // (setting, highest sequence number issued after the handshake): stock quinn issues the
+    // client's limit (5: sequence numbers 0 to 4).
+    for (limit, highest) in [(None, 4), (Some(2), 1), (Some(3), 2), (Some(1), 1)] {
+        let mut server_config = server_config();
+        if let Some(limit) = limit {
+            let mut transport = TransportConfig::default();
+            transport.max_issued_connection_ids(limit);
+            server_config.transport_config(Arc::new(transport));
+        }
+        let mut pair = Pair::new(Default::default(), server_config);
+        let (client_ch, server_ch) = pair.connect();
+        pair.drive();
+        assert_eq!(
+            pair.server_conn_mut(server_ch).active_local_cid_seq(),
+            (0, highest),
+            "limit {limit:?}"
+        );
+        let now = pair.time;
+        pair.server_conn_mut(server_ch).rotate_local_cid(1, now);
+        pair.drive();
+        assert!(!pair.client_conn_mut(client_ch).is_closed());
+        assert!(!pair.server_conn_mut(server_ch).is_closed());
+        assert_eq!(pair.client_conn_mut(client_ch).active_rem_cid_seq(), 1);
+        assert_eq!(
+            pair.server_conn_mut(server_ch).active_local_cid_seq(),
+            (1, highest + 1),
+            "limit {limit:?}: one ID retired, one issued"
+        );
+    }
+}
