@@ -148,6 +148,13 @@ fn inclusive(annotated: &str, frame: &str) -> u64 {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--inner" || a == "--native") {
+        // A subscriber as the server and the swarm install (warnings only): without one,
+        // tracing hands every span quinn-proto opens per packet and per frame to the `log`
+        // crate, a cost neither binary pays.
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_writer(std::io::stderr)
+            .init();
         let f = scenario();
         print_figures(&f);
         println!("bot-ticks               {}", f.bot_ticks);
