@@ -75,7 +75,9 @@ pub use spaces::Retransmits;
 #[cfg(not(fuzzing))]
 use assembler::Assembler;
 use spaces::Retransmits;
-use spaces::{PacketNumberFilter, PacketSpace, SendableFrames, SentPacket, ThinRetransmits};
+use spaces::{
+    PacketNumberFilter, PacketSpace, SendableFrames, SentPacket, Spaces, ThinRetransmits,
+};
 
 mod stats;
 pub use stats::{ConnectionStats, FrameStats, PathStats, UdpStats};
@@ -179,7 +181,7 @@ pub struct Connection {
     /// Outgoing spin bit state
     spin: bool,
     /// Packet number spaces: initial, handshake, 1-RTT
-    spaces: [PacketSpace; 3],
+    spaces: Spaces,
     /// Highest usable packet number space
     highest_space: SpaceId,
     /// 1-RTT keys used prior to a key update
@@ -318,7 +320,7 @@ impl Connection {
             endpoint_events: VecDeque::new(),
             spin_enabled: config.allow_spin && rng.random_ratio(7, 8),
             spin: false,
-            spaces: [initial_space, PacketSpace::new(now), PacketSpace::new(now)],
+            spaces: Spaces::new(initial_space, now),
             highest_space: SpaceId::Initial,
             prev_crypto: None,
             next_crypto: None,
@@ -489,7 +491,10 @@ impl Connection {
         for space in SpaceId::iter() {
             let request_immediate_ack =
                 space == SpaceId::Data && self.peer_supports_ack_frequency();
-            self.spaces[space].maybe_queue_probe(request_immediate_ack, &self.streams);
+            // tickshard: read first, so that a freed space is not recreated (change 8).
+            if self.spaces[space].loss_probes != 0 {
+                self.spaces[space].maybe_queue_probe(request_immediate_ack, &self.streams);
+            }
         }
 
         // Check whether we need to send a close message
@@ -2228,6 +2233,8 @@ impl Connection {
         for packet in sent_packets.into_values() {
             self.remove_in_flight(&packet);
         }
+        // tickshard: and the space itself (PATCHES.md, change 8).
+        self.spaces.free(space_id);
         self.set_loss_detection_timer(now)
     }
 
@@ -3696,6 +3703,15 @@ impl Connection {
         (self.next_crypto.is_some(), discarded_buffers)
     }
 
+    /// tickshard: whether the Initial and Handshake packet spaces are held (change 8).
+    #[cfg(test)]
+    pub(crate) fn early_spaces_held(&self) -> (bool, bool) {
+        (
+            self.spaces.is_held(SpaceId::Initial),
+            self.spaces.is_held(SpaceId::Handshake),
+        )
+    }
+
     /// tickshard: the current key phase bit.
     #[cfg(test)]
     pub(crate) fn current_key_phase(&self) -> bool {
@@ -3847,7 +3863,7 @@ impl Connection {
         let ConnectionSide::Server { server_config } = &self.side else {
             return;
         };
-        let new_tokens = &mut self.spaces[SpaceId::Data as usize].pending.new_tokens;
+        let new_tokens = &mut self.spaces[SpaceId::Data].pending.new_tokens;
         new_tokens.clear();
         for _ in 0..server_config.validation_token.sent {
             new_tokens.push(self.path.remote);

@@ -267,16 +267,104 @@ impl PacketSpace {
     }
 }
 
-impl Index<SpaceId> for [PacketSpace; 3] {
-    type Output = PacketSpace;
-    fn index(&self, space: SpaceId) -> &PacketSpace {
-        &self.as_ref()[space as usize]
+/// tickshard (PATCHES.md, change 8): the three packet spaces. The Initial and Handshake spaces
+/// live in boxes that are freed when the space is discarded (784 bytes each, held for the
+/// connection's life when inline). Reading a freed space reads an empty one (no keys, nothing
+/// sent, nothing pending: what a discarded space is); writing to one recreates it.
+pub(super) struct Spaces {
+    early: [Option<Box<PacketSpace>>; 2],
+    data: PacketSpace,
+    /// When the connection was made: a freed space that is written to again starts from then.
+    created: Instant,
+}
+
+/// What reading a freed space answers.
+fn freed() -> &'static PacketSpace {
+    static FREED: std::sync::OnceLock<PacketSpace> = std::sync::OnceLock::new();
+    FREED.get_or_init(|| PacketSpace::new(Instant::now()))
+}
+
+std::thread_local! {
+    /// Freed early spaces, for this thread's next handshakes. A freed box would otherwise be a
+    /// hole among the connection's long-lived allocations that the allocator cannot return;
+    /// reused by the next connection, it is not.
+    static SPARE: std::cell::RefCell<Vec<Box<PacketSpace>>> = const {
+        std::cell::RefCell::new(Vec::new())
+    };
+}
+
+/// Most freed spaces kept per thread (about 100 KB).
+const SPARE_MAX: usize = 128;
+
+fn boxed(space: PacketSpace) -> Box<PacketSpace> {
+    match SPARE
+        .try_with(|s| s.borrow_mut().pop())
+        .ok()
+        .flatten()
+    {
+        Some(mut b) => {
+            *b = space;
+            b
+        }
+        None => Box::new(space),
     }
 }
 
-impl IndexMut<SpaceId> for [PacketSpace; 3] {
+fn recycle(b: Box<PacketSpace>) {
+    let _ = SPARE.try_with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < SPARE_MAX {
+            s.push(b);
+        }
+    });
+}
+
+impl Spaces {
+    pub(super) fn new(initial: PacketSpace, now: Instant) -> Self {
+        Self {
+            early: [Some(boxed(initial)), Some(boxed(PacketSpace::new(now)))],
+            data: PacketSpace::new(now),
+            created: now,
+        }
+    }
+
+    /// Frees a discarded Initial or Handshake space.
+    pub(super) fn free(&mut self, space: SpaceId) {
+        if space != SpaceId::Data {
+            if let Some(b) = self.early[space as usize].take() {
+                recycle(b);
+            }
+        }
+    }
+
+    /// Whether the Initial or Handshake space is held (always true of the Data space).
+    pub(super) fn is_held(&self, space: SpaceId) -> bool {
+        space == SpaceId::Data || self.early[space as usize].is_some()
+    }
+}
+
+impl Index<SpaceId> for Spaces {
+    type Output = PacketSpace;
+    fn index(&self, space: SpaceId) -> &PacketSpace {
+        match space {
+            SpaceId::Data => &self.data,
+            early => match &self.early[early as usize] {
+                Some(space) => space,
+                None => freed(),
+            },
+        }
+    }
+}
+
+impl IndexMut<SpaceId> for Spaces {
     fn index_mut(&mut self, space: SpaceId) -> &mut PacketSpace {
-        &mut self.as_mut()[space as usize]
+        match space {
+            SpaceId::Data => &mut self.data,
+            early => {
+                let created = self.created;
+                self.early[early as usize].get_or_insert_with(|| boxed(PacketSpace::new(created)))
+            }
+        }
     }
 }
 
@@ -1119,5 +1207,30 @@ mod test {
         // The tracking state of sent packets should be minimal, and not grow
         // over time.
         assert!(std::mem::size_of::<SentPacket>() <= 128);
+    }
+}
+
+#[cfg(test)]
+mod spaces_tests {
+    use super::*;
+
+    /// tickshard (change 8): a freed early space's box goes to the next connection made on the
+    /// same thread instead of back to the allocator, and a freed space reads as empty.
+    #[test]
+    fn freed_early_spaces_are_reused_by_the_next_connection() {
+        let now = Instant::now();
+        let mut first = Spaces::new(PacketSpace::new(now), now);
+        first[SpaceId::Initial].next_packet_number = 7;
+        let at = &first[SpaceId::Initial] as *const PacketSpace;
+        first.free(SpaceId::Initial);
+        assert!(!first.is_held(SpaceId::Initial));
+        assert_eq!(first[SpaceId::Initial].next_packet_number, 0);
+        assert!(first[SpaceId::Initial].crypto.is_none());
+        let second = Spaces::new(PacketSpace::new(now), now);
+        assert_eq!(&second[SpaceId::Initial] as *const PacketSpace, at);
+        assert_eq!(second[SpaceId::Initial].next_packet_number, 0);
+        // Writing to a freed space recreates it.
+        first[SpaceId::Initial].next_packet_number = 3;
+        assert!(first.is_held(SpaceId::Initial));
     }
 }

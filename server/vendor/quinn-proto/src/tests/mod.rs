@@ -4555,3 +4555,42 @@ fn issued_connection_ids_follow_the_configured_limit() {
         );
     }
 }
+
+/// tickshard (PATCHES.md, change 8): once discarded, the Initial and Handshake packet spaces
+/// are freed on both sides, and nothing of ordinary traffic (pings, a stream, datagrams, a
+/// loss, key updates, idle timers) recreates them.
+#[test]
+fn discarded_packet_spaces_are_freed_and_stay_freed() {
+    let _guard = subscribe();
+    let mut pair = Pair::default();
+    let (client_ch, server_ch) = pair.connect();
+    pair.drive();
+    let held = |pair: &mut Pair| {
+        (
+            pair.client_conn_mut(client_ch).early_spaces_held(),
+            pair.server_conn_mut(server_ch).early_spaces_held(),
+        )
+    };
+    assert_eq!(held(&mut pair), ((false, false), (false, false)));
+    let s = pair.client_streams(client_ch).open(Dir::Bi).unwrap();
+    for i in 0..400u32 {
+        pair.client_send(client_ch, s).write(&i.to_le_bytes()).unwrap();
+        pair.client_datagrams(client_ch)
+            .send(Bytes::from_static(b"input"), true)
+            .unwrap();
+        pair.server_conn_mut(server_ch).ping();
+        if i % 50 == 0 {
+            // A datagram from the client lost, so that loss detection runs.
+            pair.client.drive(pair.time, pair.server.addr);
+            pair.client.outbound.clear();
+        }
+        pair.drive();
+    }
+    pair.client_conn_mut(client_ch).force_key_update();
+    pair.drive();
+    pair.time += Duration::from_secs(2);
+    pair.drive();
+    assert!(!pair.client_conn_mut(client_ch).is_closed());
+    assert!(!pair.server_conn_mut(server_ch).is_closed());
+    assert_eq!(held(&mut pair), ((false, false), (false, false)));
+}
