@@ -16,6 +16,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+/// jemalloc, as the server uses (thousands of bots allocate and free per tick on one thread).
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Bot swarm for tickshard servers.
 #[derive(Parser, Debug)]
 #[command(name = "client-sim", version, about)]
