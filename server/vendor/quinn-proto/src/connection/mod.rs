@@ -2520,10 +2520,12 @@ impl Connection {
                     self.on_packet_acked(now, info);
                 };
 
+                // tickshard (change 8): read before the discard, which frees the space.
+                let next_packet_number = self.spaces[SpaceId::Initial].next_packet_number;
                 self.discard_space(now, SpaceId::Initial); // Make sure we clean up after any retransmitted Initials
                 self.spaces[SpaceId::Initial] = PacketSpace {
                     crypto: Some(self.crypto.initial_keys(&rem_cid, self.side.side())),
-                    next_packet_number: self.spaces[SpaceId::Initial].next_packet_number,
+                    next_packet_number,
                     crypto_offset: client_hello.len() as u64,
                     ..PacketSpace::new(now)
                 };
@@ -3701,6 +3703,12 @@ impl Connection {
                 && (!s.pending.is_empty(&self.streams) || s.crypto_stream.bytes_read() != 0)
         });
         (self.next_crypto.is_some(), discarded_buffers)
+    }
+
+    /// tickshard: the next packet number of the Initial space (change 8's Retry test).
+    #[cfg(test)]
+    pub(crate) fn initial_next_packet_number(&self) -> u64 {
+        self.spaces[SpaceId::Initial].next_packet_number
     }
 
     /// tickshard: whether the Initial and Handshake packet spaces are held (change 8).

@@ -338,6 +338,7 @@ impl Spaces {
     }
 
     /// Whether the Initial or Handshake space is held (always true of the Data space).
+    #[cfg(test)]
     pub(super) fn is_held(&self, space: SpaceId) -> bool {
         space == SpaceId::Data || self.early[space as usize].is_some()
     }

@@ -148,6 +148,25 @@ fn stateless_retry() {
     assert_eq!(pair.server.known_cids(), 0);
 }
 
+/// tickshard (PATCHES.md, change 8): after a Retry the client's Initial packet numbers go on
+/// from where they were (RFC 9000, 17.2.5.3), although the discarded Initial space is freed and
+/// made again.
+#[test]
+fn initial_packet_numbers_go_on_after_a_retry() {
+    let _guard = subscribe();
+    let mut pair = Pair::default();
+    pair.server.handle_incoming = Box::new(validate_incoming);
+    let client_ch = pair.begin_connect(client_config());
+    pair.drive_client(); // the first Initial: packet number 0
+    assert_eq!(pair.client_conn_mut(client_ch).initial_next_packet_number(), 1);
+    pair.drive_server(); // the Retry
+    pair.drive_client(); // the Initial again, after the Retry: packet number 1
+    assert_eq!(pair.client_conn_mut(client_ch).initial_next_packet_number(), 2);
+    pair.drive();
+    assert!(!pair.client_conn_mut(client_ch).is_closed());
+    assert_eq!(pair.server.known_connections(), 1);
+}
+
 #[test]
 fn retry_token_expired() {
     let _guard = subscribe();
