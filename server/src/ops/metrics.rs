@@ -206,7 +206,7 @@ impl Collector for Reports {
             1.0,
         )?;
         type Get = fn(&ShardReport) -> f64;
-        let simple: [(&str, MetricType, &str, Get); 9] = [
+        let simple: [(&str, MetricType, &str, Get); 10] = [
             (
                 "tickshard_tick_overruns",
                 Counter,
@@ -255,6 +255,12 @@ impl Collector for Reports {
                 "CPU time of the shard thread.",
                 |r| r.cpu_seconds,
             ),
+            (
+                "tickshard_udp_send_calls",
+                Counter,
+                "Send system calls; each gives the kernel a batch of datagrams.",
+                |r| r.counters.udp_send_calls as f64,
+            ),
         ];
         for (name, kind, help, get) in simple {
             values(
@@ -265,56 +271,29 @@ impl Collector for Reports {
                 self.shards.iter().map(|r| (shard(r), get(r))),
             )?;
         }
-        let by = |key: &'static str, pairs: ByLabel<'_>| {
-            let mut out = Vec::new();
-            for r in &self.shards {
-                for (v, get) in pairs {
-                    out.push((with(shard(r), key, v), get(r) as f64));
-                }
-            }
-            out
-        };
-        values(
-            e,
-            "tickshard_datagrams",
-            "UDP datagrams by direction.",
-            Counter,
-            by(
+        // Counters with one label: (name, help, label, (value, get) per label value).
+        let labelled: [(&str, &str, &str, ByLabel<'_>); 3] = [
+            (
+                "tickshard_datagrams",
+                "UDP datagrams by direction.",
                 "direction",
                 &[
                     ("in", |r| r.counters.udp_in),
                     ("out", |r| r.counters.udp_out),
                 ],
             ),
-        )?;
-        values(
-            e,
-            "tickshard_udp_send_calls",
-            "Send system calls; each gives the kernel a batch of datagrams.",
-            Counter,
-            self.shards
-                .iter()
-                .map(|r| (shard(r), r.counters.udp_send_calls as f64)),
-        )?;
-        values(
-            e,
-            "tickshard_bytes",
-            "UDP bytes by direction.",
-            Counter,
-            by(
+            (
+                "tickshard_bytes",
+                "UDP bytes by direction.",
                 "direction",
                 &[
                     ("in", |r| r.counters.udp_bytes_in),
                     ("out", |r| r.counters.udp_bytes_out),
                 ],
             ),
-        )?;
-        values(
-            e,
-            "tickshard_drops",
-            "Things dropped, by reason.",
-            Counter,
-            by(
+            (
+                "tickshard_drops",
+                "Things dropped, by reason.",
                 "reason",
                 &[
                     ("malformed_datagram", |r| r.counters.malformed_datagrams),
@@ -327,7 +306,15 @@ impl Collector for Reports {
                     ("snapshot_deferred", |r| r.counters.snapshot_deferred),
                 ],
             ),
-        )?;
+        ];
+        for (name, help, key, pairs) in labelled {
+            let samples = self.shards.iter().flat_map(|r| {
+                pairs
+                    .iter()
+                    .map(move |(v, get)| (with(shard(r), key, v), get(r) as f64))
+            });
+            values(e, name, help, Counter, samples)?;
+        }
         Ok(())
     }
 }

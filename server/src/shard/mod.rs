@@ -165,7 +165,6 @@ struct Conn {
     /// Which connection this is, of all that used its slot (see [`ConnKey`]).
     generation: u64,
     conn: quinn_proto::Connection,
-    timer: Option<Instant>,
     dirty: bool,
     session: Session,
 }
@@ -445,7 +444,6 @@ impl ShardCore {
             let Some(c) = self.conns.get_mut(ch).and_then(Option::as_mut) else {
                 continue;
             };
-            c.timer = None;
             c.conn.handle_timeout(now);
             self.drive(ch, now);
         }
@@ -778,7 +776,6 @@ impl ShardCore {
         self.conns[ch.0] = Some(Box::new(Conn {
             generation: self.next_generation,
             conn,
-            timer: None,
             dirty: false,
             session: Session {
                 player,
@@ -841,11 +838,7 @@ impl ShardCore {
             self.remove_conn(ch);
             return;
         }
-        let t = c.conn.poll_timeout();
-        if t != c.timer {
-            c.timer = t;
-            self.timers.set(ch, t);
-        }
+        self.timers.set(ch, c.conn.poll_timeout());
     }
 
     fn remove_conn(&mut self, ch: usize) {

@@ -46,7 +46,7 @@ impl Timers {
                 let old = std::mem::replace(&mut self.heap[i].0, t);
                 if t < old {
                     self.sift_up(i);
-                } else {
+                } else if t > old {
                     self.sift_down(i);
                 }
             }

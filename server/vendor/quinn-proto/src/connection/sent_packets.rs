@@ -16,8 +16,6 @@ use super::spaces::SentPacket;
 pub(super) struct SentPackets {
     /// Numbers strictly ascending; `None` for a packet already taken.
     entries: VecDeque<(u64, Option<SentPacket>)>,
-    /// Packets held (entries that are not holes).
-    live: usize,
 }
 
 impl SentPackets {
@@ -28,22 +26,11 @@ impl SentPackets {
             Some(&(last, _)) if number <= last => {
                 let i = self.entries.partition_point(|&(n, _)| n < number);
                 match self.entries.get_mut(i) {
-                    Some((n, slot)) if *n == number => {
-                        if slot.is_none() {
-                            self.live += 1;
-                        }
-                        *slot = Some(packet);
-                    }
-                    _ => {
-                        self.entries.insert(i, (number, Some(packet)));
-                        self.live += 1;
-                    }
+                    Some((n, slot)) if *n == number => *slot = Some(packet),
+                    _ => self.entries.insert(i, (number, Some(packet))),
                 }
             }
-            _ => {
-                self.entries.push_back((number, Some(packet)));
-                self.live += 1;
-            }
+            _ => self.entries.push_back((number, Some(packet))),
         }
     }
 
@@ -57,7 +44,6 @@ impl SentPackets {
     pub(super) fn remove(&mut self, number: &u64) -> Option<SentPacket> {
         let i = self.find(*number)?;
         let packet = self.entries[i].1.take()?;
-        self.live -= 1;
         self.trim();
         Some(packet)
     }
@@ -100,7 +86,7 @@ impl SentPackets {
     /// Packets held.
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
-        self.live
+        self.values().count()
     }
 
     fn find(&self, number: u64) -> Option<usize> {
