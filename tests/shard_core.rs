@@ -53,6 +53,31 @@ fn handshake_to_snapshot() {
     );
 }
 
+/// Every control request is answered within one round trip, not at the next timer: the
+/// shard handles the frames of a read before it asks quinn for more. With 1 ms each way, a
+/// join sent after the welcome is answered before 5 ms have passed, then a chat; a reply that
+/// waited for quinn's acknowledgement timer would take over 40 ms.
+#[test]
+fn requests_are_answered_within_a_round_trip() {
+    let mut net = Net::new(NetConfig::default());
+    let c = net.add_client();
+    net.connect_all(Duration::from_secs(2));
+    net.run_for(Duration::from_millis(100));
+    net.clients[c].client.join(None, "arena");
+    net.run_for(Duration::from_millis(5));
+    assert!(room_of(&net, c).is_some(), "{:?}", net.events(c));
+    net.run_for(Duration::from_millis(100));
+    let chats = |net: &Net| {
+        net.events(c)
+            .iter()
+            .filter(|e| matches!(e, ClientEvent::Chat { .. }))
+            .count()
+    };
+    net.clients[c].client.chat("at once");
+    net.run_for(Duration::from_millis(5));
+    assert_eq!(chats(&net), 1, "{:?}", net.events(c));
+}
+
 #[test]
 fn fifty_clients_in_several_rooms() {
     let mut net = Net::seated(
