@@ -149,6 +149,7 @@ impl Rooms {
     }
 
     /// The earliest tick due in any room.
+    #[inline]
     pub fn next_due(&self) -> Option<Instant> {
         self.list.iter().map(Room::next_due).min()
     }

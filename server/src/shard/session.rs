@@ -246,8 +246,10 @@ impl Session {
     pub fn poll(&mut self, now: Instant, counters: &mut Counters) -> Option<SessionEvent> {
         loop {
             if self.phase != Phase::Closed {
-                if let Some(ev) = self.next_request(now, counters) {
-                    return Some(ev);
+                if self.frames.buffered() > 0 {
+                    if let Some(ev) = self.next_request(now, counters) {
+                        return Some(ev);
+                    }
                 }
                 if self.unread {
                     // Whatever stopped the read, the frames it buffered are handled first.
