@@ -7,10 +7,13 @@
 //! comes back on a one-shot channel, and a shard that does not answer within
 //! [`ACTION_TIMEOUT`] gets the request a 503.
 //!
-//! The HTTP server is a small hand-rolled HTTP/1.1 subset over `std::net::TcpListener`: one
-//! thread, one request per connection (`Connection: close`), strict limits
-//! ([`MAX_HEADER`], [`MAX_BODY`], [`IO_TIMEOUT`]). Admin traffic is a scrape every few
-//! seconds and the odd action; one thread is plenty and cannot be made to use more.
+//! HTTP/1.1 is hyper's, on a single-threaded tokio runtime of the admin thread (at nice 10,
+//! never on a shard core): one request per connection, strict limits ([`MAX_HEADER`],
+//! [`MAX_BODY`], [`IO_TIMEOUT`] for the head and for the body, [`CONNECTION_LIFETIME`],
+//! [`MAX_CONNECTIONS`] at once). Requests are answered on a few handler threads, since an
+//! action waits for its shard. Slow or idle clients each hold one cheap task until their
+//! timeout, so the probes stay answerable while they do (test
+//! `probes_answer_while_slow_clients_hold_connections`).
 //!
 //! # Endpoints
 //! - `GET /metrics` (OpenMetrics text, [`crate::ops::metrics`]), `GET /healthz`, `GET /readyz`, `GET /status`,
@@ -24,9 +27,15 @@
 use crate::ids::{PlayerId, RoomId, ShardId};
 use crate::ops::metrics;
 use crate::shard::operator::{Command, CommandError, DrainState, ShardReport};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Value};
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::convert::Infallible;
+use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -290,10 +299,16 @@ impl Hub {
     }
 }
 
-/// Admin connections served at once; more get 503 at once.
-const MAX_CONNECTIONS: usize = 8;
+/// Admin connections served at once; more get a 503 at once. Each connection lives at most
+/// [`CONNECTION_LIFETIME`], so slow or idle clients cannot hold the house for long.
+pub const MAX_CONNECTIONS: usize = 512;
+/// Longest an admin connection may live: its request head, body and answer.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
+/// Threads that carry out requests (an action waits up to [`ACTION_TIMEOUT`] for its shard).
+const HANDLER_THREADS: usize = 8;
 
-/// Starts the admin thread on `listener`.
+/// Starts the admin thread on `listener`: a single-threaded tokio runtime serving HTTP/1.1
+/// through hyper, with [`HANDLER_THREADS`] threads for the requests themselves.
 pub fn spawn(listener: TcpListener, hub: Arc<Hub>) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("admin".into())
@@ -312,53 +327,116 @@ fn yield_to_shards() {
 
 fn run(listener: TcpListener, hub: Arc<Hub>) {
     yield_to_shards();
-    if let Err(e) = listener.set_nonblocking(true) {
-        warn!(error = %e, "admin listener");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .max_blocking_threads(HANDLER_THREADS)
+        .thread_name("admin-handler")
+        .on_thread_start(yield_to_shards)
+        .build();
+    match rt {
+        Ok(rt) => rt.block_on(serve(listener, hub)),
+        Err(e) => warn!(error = %e, "admin runtime; the admin endpoint is off"),
     }
-    // One short-lived thread per connection, at most MAX_CONNECTIONS at once: a slow or idle
-    // client cannot hold up the probes, and a full house gets a quick 503.
-    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    while !hub.stop.load(Ordering::Relaxed) {
-        match listener.accept() {
-            Ok((mut stream, _)) => {
-                if active.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
-                    let _ = stream.set_nonblocking(false);
-                    let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-                    let _ = stream.write_all(
-                        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                    );
-                    continue;
+}
+
+async fn serve(listener: TcpListener, hub: Arc<Hub>) {
+    let listener = match listener
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpListener::from_std(listener))
+    {
+        Ok(l) => l,
+        Err(e) => return warn!(error = %e, "admin listener; the admin endpoint is off"),
+    };
+    let house = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut stop = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.tick() => {
+                if hub.stop.load(Ordering::Relaxed) {
+                    return;
                 }
-                active.fetch_add(1, Ordering::Relaxed);
-                let (hub, done) = (hub.clone(), active.clone());
-                let spawned =
-                    std::thread::Builder::new()
-                        .name("admin-conn".into())
-                        .spawn(move || {
-                            handle_connection(stream, &hub);
-                            done.fetch_sub(1, Ordering::Relaxed);
-                        });
-                if spawned.is_err() {
-                    active.fetch_sub(1, Ordering::Relaxed);
-                }
+                continue;
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                // Sleep until a connection arrives (or 100 ms, to notice a stop): no busy
-                // polling on a machine whose cores belong to the shards.
-                let mut pfd = libc::pollfd {
-                    fd: std::os::fd::AsRawFd::as_raw_fd(&listener),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd for the duration of the call.
-                unsafe { libc::poll(&mut pfd, 1, 100) };
-            }
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
             Err(e) => {
                 debug!(error = %e, "admin accept");
-                std::thread::sleep(Duration::from_millis(10));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
             }
-        }
+        };
+        let Ok(seat) = house.clone().try_acquire_owned() else {
+            // A full house: say so without reading the request (the socket's buffer takes
+            // these few bytes at once, or the client gets a reset).
+            let _ = stream.try_write(FULL_HOUSE);
+            continue;
+        };
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| answer(req, hub.clone()));
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(IO_TIMEOUT)
+                .max_buf_size(MAX_HEADER.max(8192))
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Ok(Err(e)) = tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
+                debug!(error = %e, "admin connection");
+            }
+            drop(seat);
+        });
     }
+}
+
+const FULL_HOUSE: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+
+/// Reads one request's body within the limits and answers it on a handler thread.
+async fn answer(
+    req: hyper::Request<Incoming>,
+    hub: Arc<Hub>,
+) -> Result<hyper::Response<Full<Bytes>>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let body = match tokio::time::timeout(IO_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await
+    {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => {
+            return Ok(reply(Response::error(413, "request body exceeds 64 KiB")))
+        }
+        Ok(Err(_)) => return Ok(reply(Response::error(400, "incomplete body"))),
+        Err(_) => return Ok(reply(Response::error(408, "request too slow"))),
+    };
+    let bearer = parts
+        .headers
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_string());
+    let request = Request {
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_string(),
+        query: parts.uri.query().unwrap_or("").to_string(),
+        bearer,
+        body: body.to_vec(),
+    };
+    let response = tokio::task::spawn_blocking(move || route(&request, &hub))
+        .await
+        .unwrap_or_else(|_| Response::error(500, "the request failed"));
+    Ok(reply(response))
+}
+
+fn reply(r: Response) -> hyper::Response<Full<Bytes>> {
+    let mut out = hyper::Response::new(Full::new(Bytes::from(r.body)));
+    *out.status_mut() =
+        hyper::StatusCode::from_u16(r.status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    out.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(r.content_type),
+    );
+    out
 }
 
 /// One parsed request.
@@ -398,127 +476,6 @@ impl Response {
     fn error(status: u16, msg: impl Into<String>) -> Self {
         Self::json(status, json!({ "error": msg.into() }))
     }
-}
-
-fn reason_phrase(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        202 => "Accepted",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        413 => "Payload Too Large",
-        431 => "Request Header Fields Too Large",
-        503 => "Service Unavailable",
-        _ => "",
-    }
-}
-
-fn handle_connection(mut stream: TcpStream, hub: &Hub) {
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-    let response = match read_request(&mut stream) {
-        Ok(req) => route(&req, hub),
-        Err(r) => r,
-    };
-    let head = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        response.status,
-        reason_phrase(response.status),
-        response.content_type,
-        response.body.len()
-    );
-    let _ = stream
-        .write_all(head.as_bytes())
-        .and_then(|_| stream.write_all(response.body.as_bytes()));
-    let _ = stream.flush();
-}
-
-/// Reads one request within the limits; an `Err` is the response to send instead.
-fn read_request(stream: &mut TcpStream) -> Result<Request, Response> {
-    let deadline = Instant::now() + IO_TIMEOUT;
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(i) = find(&buf, b"\r\n\r\n") {
-            break i;
-        }
-        if buf.len() > MAX_HEADER {
-            return Err(Response::error(431, "request head exceeds 8 KiB"));
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(Response::error(408, "request too slow"));
-        }
-        let _ = stream.set_read_timeout(Some(left));
-        match stream.read(&mut chunk) {
-            Ok(0) => return Err(Response::error(400, "incomplete request")),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(_) => return Err(Response::error(408, "request too slow")),
-        }
-    };
-    if head_end > MAX_HEADER {
-        return Err(Response::error(431, "request head exceeds 8 KiB"));
-    }
-    let head = std::str::from_utf8(&buf[..head_end])
-        .map_err(|_| Response::error(400, "request head is not UTF-8"))?;
-    let mut lines = head.split("\r\n");
-    let request_line = lines.next().unwrap_or("");
-    let mut parts = request_line.split(' ');
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
-    else {
-        return Err(Response::error(400, "bad request line"));
-    };
-    if !version.starts_with("HTTP/1.") || parts.next().is_some() {
-        return Err(Response::error(400, "bad request line"));
-    }
-    let mut length = 0usize;
-    let mut bearer = None;
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            return Err(Response::error(400, "bad header line"));
-        };
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("content-length") {
-            length = value
-                .parse()
-                .map_err(|_| Response::error(400, "bad content-length"))?;
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            return Err(Response::error(400, "transfer-encoding is not supported"));
-        } else if name.eq_ignore_ascii_case("authorization") {
-            bearer = value.strip_prefix("Bearer ").map(|t| t.trim().to_string());
-        }
-    }
-    if length > MAX_BODY {
-        return Err(Response::error(413, "request body exceeds 64 KiB"));
-    }
-    let mut body = buf[head_end + 4..].to_vec();
-    while body.len() < length {
-        if Instant::now() > deadline {
-            return Err(Response::error(408, "request too slow"));
-        }
-        match stream.read(&mut chunk) {
-            Ok(0) => return Err(Response::error(400, "incomplete body")),
-            Ok(n) => body.extend_from_slice(&chunk[..n]),
-            Err(_) => return Err(Response::error(408, "request too slow")),
-        }
-    }
-    body.truncate(length);
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    Ok(Request {
-        method: method.to_string(),
-        path: path.to_string(),
-        query: query.to_string(),
-        bearer,
-        body,
-    })
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Answers one request.
@@ -853,5 +810,112 @@ mod tests {
             "{}",
             r.body
         );
+    }
+
+    /// Starts the admin server on a free loopback port.
+    fn serve_hub(hub: Hub) -> (Arc<Hub>, std::net::SocketAddr, std::thread::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hub = Arc::new(hub);
+        let thread = spawn(listener, hub.clone());
+        (hub, addr, thread)
+    }
+
+    /// Sends `request` on a new connection and reads the whole answer (the server closes).
+    fn exchange(addr: std::net::SocketAddr, request: &[u8]) -> std::io::Result<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.write_all(request)?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out)?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// 64 clients that open a connection and send half a request head (eight times what the
+    /// old server served at once) do not keep the probes from answering: every probe on
+    /// top gets its 200 at once. Each slow client is cut off once its head is overdue.
+    #[test]
+    fn probes_answer_while_slow_clients_hold_connections() {
+        use std::io::{Read, Write};
+        let (hub, _rx) = hub();
+        let (hub, addr, thread) = serve_hub(hub);
+        let mut slow: Vec<std::net::TcpStream> = (0..64)
+            .map(|_| {
+                let mut s = std::net::TcpStream::connect(addr).unwrap();
+                s.write_all(b"GET /healthz HTTP/1.1\r\nHost: slow\r\n")
+                    .unwrap();
+                s
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        for probe in ["/healthz", "/metrics"] {
+            for _ in 0..10 {
+                let t = Instant::now();
+                let req = format!(
+                    "GET {probe} HTTP/1.1\r\nHost: probe\r\nAuthorization: Bearer t\r\n\r\n"
+                );
+                let answer = exchange(addr, req.as_bytes()).unwrap();
+                assert!(answer.starts_with("HTTP/1.1 200"), "{probe}: {answer}");
+                assert!(
+                    t.elapsed() < Duration::from_secs(1),
+                    "{probe}: {:?}",
+                    t.elapsed()
+                );
+            }
+        }
+        // The slow clients are closed once IO_TIMEOUT has passed since they connected.
+        let t = Instant::now();
+        for s in &mut slow {
+            s.set_read_timeout(Some(IO_TIMEOUT + Duration::from_secs(2)))
+                .unwrap();
+            let mut buf = [0u8; 256];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        }
+        assert!(
+            t.elapsed() < IO_TIMEOUT + Duration::from_secs(1),
+            "{:?}",
+            t.elapsed()
+        );
+        hub.stop_admin();
+        thread.join().unwrap();
+    }
+
+    /// The transport's own refusals: a body over the limit gets 413, a body that never comes
+    /// 408, and a request that is not HTTP a 400; the next request is served as usual.
+    #[test]
+    fn oversized_slow_and_garbled_requests_are_refused() {
+        use std::io::{Read, Write};
+        let (hub, _rx) = hub();
+        let (hub, addr, thread) = serve_hub(hub);
+        let big = format!(
+            "POST /drain HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nContent-Length: {}\r\n\r\n{}",
+            MAX_BODY + 1,
+            "x".repeat(MAX_BODY + 1)
+        );
+        let answer = exchange(addr, big.as_bytes()).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(b"POST /drain HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+        let answer = exchange(addr, b"\x16\x03\x01 not http\r\n\r\n").unwrap();
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
+            "{answer}"
+        );
+        let answer = exchange(addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("application/json"), "{answer}");
+        hub.stop_admin();
+        thread.join().unwrap();
     }
 }
