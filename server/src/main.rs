@@ -68,7 +68,7 @@ enum CtlCmd {
     },
 }
 
-/// Settings of `serve`: flags here, env TICKSHARD_<NAME>, TOML key <name>.
+/// Options of `serve`: the config file, `--print-config`, and every setting's flag.
 #[derive(Args, Debug, Default)]
 struct ServeArgs {
     /// TOML configuration file.
@@ -77,93 +77,31 @@ struct ServeArgs {
     /// Print the effective configuration (TOML) and exit.
     #[arg(long)]
     print_config: bool,
-    /// UDP address to serve on [default: 127.0.0.1:4433].
-    #[arg(long)]
-    listen: Option<String>,
-    /// Number of shards (0: one per available core) [default: 0].
-    #[arg(long)]
-    shards: Option<String>,
-    /// Directory for the development certificate and results files [default: .tickshard].
-    #[arg(long)]
-    data_dir: Option<String>,
-    /// PEM certificate chain (with --key); default: a development certificate.
-    #[arg(long)]
-    cert: Option<String>,
-    /// PEM private key (with --cert).
-    #[arg(long)]
-    key: Option<String>,
-    /// Arena ticks per second [default: 30].
-    #[arg(long)]
-    tick_rate: Option<String>,
-    /// Arena players per room [default: 64].
-    #[arg(long)]
-    room_capacity: Option<String>,
-    /// Most connections per shard [default: 10000].
-    #[arg(long)]
-    max_connections: Option<String>,
-    /// Seconds a client has to send hello [default: 10].
-    #[arg(long)]
-    hello_timeout: Option<String>,
-    /// QUIC idle timeout in seconds [default: 10].
-    #[arg(long)]
-    idle_timeout: Option<String>,
-    /// Seconds an empty room stays open [default: 10].
-    #[arg(long)]
-    empty_room_grace: Option<String>,
-    /// Largest snapshot datagram in bytes, 256..=1150 [default: 1100].
-    #[arg(long)]
-    max_datagram: Option<String>,
-    /// Seed for the shards' randomness; default: from the OS.
-    #[arg(long)]
-    seed: Option<String>,
-    /// Seconds between each shard's figures in the log, 0: never [default: 10].
-    #[arg(long)]
-    stats_interval: Option<String>,
-    /// Admin HTTP address, or `off` [default: 127.0.0.1:4434].
-    #[arg(long)]
-    admin: Option<String>,
-    /// Bearer token the admin endpoint requires (except /healthz and /readyz).
-    #[arg(long)]
-    admin_token: Option<String>,
-    /// Seconds a drain (SIGTERM, POST /drain) lets rooms run [default: 30].
-    #[arg(long)]
-    drain_grace: Option<String>,
-    /// Where draining clients should reconnect (sent in the drain notice).
-    #[arg(long)]
-    reconnect_hint: Option<String>,
-    /// Log format: text or json [default: text]. Filter with RUST_LOG.
-    #[arg(long)]
-    log_format: Option<String>,
+    #[command(flatten)]
+    settings: SettingFlags,
 }
 
-impl ServeArgs {
-    /// The flags given, as (setting key, value).
-    fn flags(&self) -> Vec<(String, String)> {
-        let all = [
-            ("listen", &self.listen),
-            ("shards", &self.shards),
-            ("data_dir", &self.data_dir),
-            ("cert", &self.cert),
-            ("key", &self.key),
-            ("tick_rate", &self.tick_rate),
-            ("room_capacity", &self.room_capacity),
-            ("max_connections", &self.max_connections),
-            ("hello_timeout", &self.hello_timeout),
-            ("idle_timeout", &self.idle_timeout),
-            ("empty_room_grace", &self.empty_room_grace),
-            ("max_datagram", &self.max_datagram),
-            ("seed", &self.seed),
-            ("stats_interval", &self.stats_interval),
-            ("admin", &self.admin),
-            ("admin_token", &self.admin_token),
-            ("drain_grace", &self.drain_grace),
-            ("reconnect_hint", &self.reconnect_hint),
-            ("log_format", &self.log_format),
-        ];
-        debug_assert_eq!(all.len(), config::SETTINGS.len());
-        all.into_iter()
-            .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), v.clone())))
-            .collect()
+/// The settings given as flags: their flags and help come from `ServeConfig`'s fields (see
+/// `config::setting_args`), their values go to `config::resolve` as text.
+#[derive(Debug, Default, Clone)]
+struct SettingFlags(Vec<(String, String)>);
+
+impl clap::FromArgMatches for SettingFlags {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        Ok(SettingFlags(config::given_settings(m)))
+    }
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl Args for SettingFlags {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        config::setting_args(cmd)
+    }
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        config::setting_args(cmd)
     }
 }
 
@@ -217,7 +155,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     };
     let env = |k: &str| std::env::var(k).ok();
     let config = config::resolve(
-        &a.flags(),
+        &a.settings.0,
         &env,
         file.as_ref().map(|(n, t)| (n.as_str(), t.as_str())),
     )?;

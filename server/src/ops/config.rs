@@ -1,17 +1,27 @@
 //! Server configuration: what `tickshard serve` is started with.
 //!
-//! Every setting has a flag (`--tick-rate`), an environment variable (`TICKSHARD_TICK_RATE`)
-//! and a key in the TOML file given with `--config` (`tick_rate`). [`resolve`] merges them
-//! with that precedence (flag over env over file over default) and validates the result; it
-//! is a pure function of its inputs, so tests exercise it without touching the process's
-//! environment. Every error names the setting and where it came from.
+//! Every setting is declared once, as a field of [`ServeConfig`]: its doc comment is the
+//! flag's help, its name gives the flag (`--tick-rate`), the environment variable
+//! (`TICKSHARD_TICK_RATE`) and the key in the TOML file given with `--config` (`tick_rate`),
+//! and its serde attributes say how its value is read and printed. [`resolve`] layers the
+//! sources with figment (flag over env over file over [`ServeConfig::default`]) and validates
+//! the result; it is a pure function of its inputs, so tests exercise it without touching the
+//! process's environment. Every error names the setting as its source spells it.
+//!
+//! Durations are a bare number of seconds (`30`, `2.5`: what `--print-config` writes) or
+//! humantime's form (`500ms`, `10s`, `2m`, `1h 30m`).
 
+use figment::providers::Format;
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 /// How logs are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
     Text,
@@ -22,45 +32,85 @@ pub enum LogFormat {
 /// Everything the server needs to run. [`ServeConfig::default`] works on a laptop: loopback,
 /// a development certificate under `./.tickshard`, the arena at 30 Hz, one shard per core,
 /// admin HTTP on `127.0.0.1:4434`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(default, deny_unknown_fields)]
 pub struct ServeConfig {
-    /// The public UDP address.
+    /// UDP address to serve on [default: 127.0.0.1:4433].
+    #[arg(long)]
+    #[serde(with = "address")]
     pub listen: SocketAddr,
-    /// Number of shards (0: one per available core).
+    /// Number of shards (0: one per available core) [default: 0].
+    #[arg(long)]
     pub shards: usize,
-    /// Where the development certificate, the results files and other state live.
+    /// Directory for the development certificate and results files [default: .tickshard].
+    #[arg(long)]
+    #[serde(deserialize_with = "text")]
     pub data_dir: PathBuf,
-    /// PEM certificate chain; with `key`, replaces the development certificate.
+    /// PEM certificate chain (with --key); default: a development certificate.
+    #[arg(long)]
+    #[serde(
+        deserialize_with = "optional_text",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub cert: Option<PathBuf>,
-    /// PEM private key.
+    /// PEM private key (with --cert).
+    #[arg(long)]
+    #[serde(
+        deserialize_with = "optional_text",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub key: Option<PathBuf>,
-    /// Arena tick rate (Hz).
+    /// Arena ticks per second, 1..=1000 [default: 30].
+    #[arg(long)]
     pub tick_rate: u16,
-    /// Arena room capacity.
+    /// Arena players per room, 1..=1024 [default: 64].
+    #[arg(long)]
     pub room_capacity: u16,
-    /// Most connections per shard.
+    /// Most connections per shard [default: 10000].
+    #[arg(long)]
     pub max_connections: usize,
-    /// A client must send hello this soon after connecting.
+    /// How long a client has to send hello after connecting [default: 10].
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(with = "seconds")]
     pub hello_timeout: Duration,
-    /// QUIC idle timeout.
+    /// QUIC idle timeout [default: 10].
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(with = "seconds")]
     pub idle_timeout: Duration,
-    /// An empty room closes after this long.
+    /// How long an empty room stays open [default: 10].
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(with = "seconds")]
     pub empty_room_grace: Duration,
-    /// Largest snapshot datagram in bytes.
+    /// Largest snapshot datagram in bytes, 256..=1150 [default: 1100].
+    #[arg(long)]
     pub max_datagram: usize,
-    /// How often each shard logs its figures (zero: never).
+    /// How often each shard logs its figures, 0: never [default: 10].
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(with = "seconds")]
     pub stats_interval: Duration,
-    /// Seed for shard randomness (tests); `None` seeds from the OS.
+    /// Seed for the shards' randomness (tests); default: from the OS.
+    #[arg(long)]
+    #[serde(with = "seed", skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
-    /// Admin HTTP address; `None` (`off`) disables it.
+    /// Admin HTTP address, or `off` [default: 127.0.0.1:4434].
+    #[arg(long)]
+    #[serde(with = "admin_address")]
     pub admin: Option<SocketAddr>,
-    /// Bearer token the admin endpoint requires (except for probes); `None`: none.
+    /// Bearer token the admin endpoint requires (except /healthz and /readyz). Never printed.
+    #[arg(long)]
+    #[serde(deserialize_with = "optional_text", skip_serializing)]
     pub admin_token: Option<String>,
-    /// How long a drain lets rooms run before closing what remains.
+    /// How long a drain (SIGTERM, POST /drain) lets rooms run before closing what remains
+    /// [default: 30].
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(with = "seconds")]
     pub drain_grace: Duration,
     /// Where draining clients should reconnect (sent in the drain notice; may be empty).
+    #[arg(long)]
+    #[serde(deserialize_with = "text")]
     pub reconnect_hint: String,
-    /// Log format.
+    /// Log format: `text` or `json` [default: text]. Filter with RUST_LOG.
+    #[arg(long)]
     pub log_format: LogFormat,
 }
 
@@ -98,20 +148,16 @@ pub enum ConfigError {
     /// A setting is out of range.
     #[error("invalid setting {setting}: {reason}")]
     Invalid {
-        /// The setting's name, as the source spells it (`--tick-rate`, `TICKSHARD_TICK_RATE`,
-        /// `tick_rate in FILE`).
+        /// The setting's flag (`--tick-rate`).
         setting: String,
         /// What is wrong.
         reason: String,
     },
-    /// The TOML file is unreadable or names an unknown setting.
-    #[error("config file {file}: {reason}")]
-    File {
-        /// The file.
-        file: String,
-        /// What is wrong.
-        reason: String,
-    },
+    /// A source could not be read: a value of the wrong form, an unknown setting, a file
+    /// that is not TOML. The text names the setting as its source spells it (`--tick-rate`,
+    /// `TICKSHARD_TICK_RATE`, `tick_rate` in the file) and the source.
+    #[error("{0}")]
+    Source(String),
 }
 
 /// Longest duration any setting accepts.
@@ -180,50 +226,14 @@ impl ServeConfig {
     }
 }
 
-/// The settings, by TOML key (the flag is `--` and the key with `-` for `_`; the environment
-/// variable is `TICKSHARD_` and the key in upper case), with their help.
-pub const SETTINGS: &[(&str, &str)] = &[
-    ("listen", "UDP address to serve on"),
-    ("shards", "number of shards (0: one per available core)"),
-    (
-        "data_dir",
-        "directory for the development certificate and results files",
-    ),
-    (
-        "cert",
-        "PEM certificate chain (with key); default: a development certificate",
-    ),
-    ("key", "PEM private key (with cert)"),
-    ("tick_rate", "arena ticks per second"),
-    ("room_capacity", "arena players per room"),
-    ("max_connections", "most connections per shard"),
-    ("hello_timeout", "seconds a client has to send hello"),
-    ("idle_timeout", "QUIC idle timeout in seconds"),
-    ("empty_room_grace", "seconds an empty room stays open"),
-    (
-        "max_datagram",
-        "largest snapshot datagram in bytes (256..=1150)",
-    ),
-    (
-        "seed",
-        "seed for the shards' randomness; default: from the OS",
-    ),
-    (
-        "stats_interval",
-        "seconds between each shard's figures in the log (0: never)",
-    ),
-    ("admin", "admin HTTP address, or `off`"),
-    ("admin_token", "bearer token the admin endpoint requires"),
-    (
-        "drain_grace",
-        "seconds a drain lets rooms run before closing what remains",
-    ),
-    (
-        "reconnect_hint",
-        "where draining clients should reconnect (sent in the drain notice)",
-    ),
-    ("log_format", "`text` or `json`"),
-];
+/// Every setting's key (the field names of [`ServeConfig`], from its flags).
+pub fn setting_keys() -> Vec<String> {
+    use clap::Args;
+    ServeConfig::augment_args(clap::Command::new("tickshard"))
+        .get_arguments()
+        .map(|a| a.get_id().to_string())
+        .collect()
+}
 
 /// The flag of a setting key.
 pub fn flag_name(key: &str) -> String {
@@ -233,6 +243,152 @@ pub fn flag_name(key: &str) -> String {
 /// The environment variable of a setting key.
 pub fn env_name(key: &str) -> String {
     format!("TICKSHARD_{}", key.to_uppercase())
+}
+
+/// The command-line flags of every setting, for `serve`'s command line: each takes one value
+/// and none is required; [`ServeConfig`]'s doc comments are their help.
+pub fn setting_args(cmd: clap::Command) -> clap::Command {
+    use clap::Args;
+    let settings = ServeConfig::augment_args(clap::Command::new("settings")).mut_args(|a| {
+        a.required(false)
+            .value_parser(clap::builder::NonEmptyStringValueParser::new())
+            .help_heading("Settings (each also TICKSHARD_<NAME> and <name> in --config)")
+    });
+    cmd.args(settings.get_arguments().cloned())
+}
+
+/// The settings given on a command line that [`setting_args`] defined, as (key, value).
+pub fn given_settings(matches: &clap::ArgMatches) -> Vec<(String, String)> {
+    setting_keys()
+        .into_iter()
+        .filter_map(|k| {
+            let v = matches.try_get_one::<String>(&k).ok()??.clone();
+            Some((k, v))
+        })
+        .collect()
+}
+
+/// A layer of settings given as text (flags, environment variables), each value read as
+/// figment reads environment variables (`30` a number, `true` a boolean, else a string),
+/// named in errors by `name_of(key)`.
+struct TextLayer {
+    values: Vec<(String, String)>,
+    source: &'static str,
+    name_of: fn(&str) -> String,
+}
+
+impl Provider for TextLayer {
+    fn metadata(&self) -> Metadata {
+        let name_of = self.name_of;
+        Metadata::named(self.source)
+            .interpolater(move |_: &Profile, keys: &[&str]| name_of(&keys.join(".")))
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let mut dict = Dict::new();
+        for (k, v) in &self.values {
+            let value: Value = v.parse().expect("figment's parse is infallible");
+            dict.insert(k.clone(), value);
+        }
+        Ok(Profile::Default.collect(dict))
+    }
+}
+
+/// The `--config` file's layer, named by its path in errors.
+struct FileLayer<'a> {
+    name: &'a str,
+    text: &'a str,
+}
+
+impl Provider for FileLayer<'_> {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(format!("config file {}", self.name))
+            .interpolater(|_: &Profile, keys: &[&str]| keys.join("."))
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        figment::providers::Toml::string(self.text).data()
+    }
+}
+
+/// Merges the sources, highest precedence first: `flags` (key and value, as given on the
+/// command line), `env` (looks up an environment variable), `file` (name and TOML text of
+/// the `--config` file), then the defaults; validates the result. Pure: no I/O of its own.
+pub fn resolve(
+    flags: &[(String, String)],
+    env: &dyn Fn(&str) -> Option<String>,
+    file: Option<(&str, &str)>,
+) -> Result<ServeConfig, ConfigError> {
+    let mut figment = Figment::from(figment::providers::Serialized::defaults(
+        ServeConfig::default(),
+    ));
+    if let Some((name, text)) = file {
+        figment = figment.merge(FileLayer { name, text });
+    }
+    // An empty variable (say, a missing Kubernetes secret) counts as unset: it must not
+    // clear what the file says, such as the admin token.
+    let vars = setting_keys()
+        .into_iter()
+        .filter_map(|k| Some((k.clone(), env(&env_name(&k)).filter(|v| !v.is_empty())?)))
+        .collect();
+    figment = figment
+        .merge(TextLayer {
+            values: vars,
+            source: "the environment",
+            name_of: env_name,
+        })
+        .merge(TextLayer {
+            values: flags.to_vec(),
+            source: "the command line",
+            name_of: flag_name,
+        });
+    let c: ServeConfig = figment
+        .extract()
+        .map_err(|e| ConfigError::Source(e.to_string()))?;
+    c.validate()?;
+    Ok(c)
+}
+
+impl ServeConfig {
+    /// The effective configuration as TOML (what `--print-config` shows; unset optional
+    /// settings are left out). The admin token is left out, never printed.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+}
+
+/// Reads a scalar as text: a value that looks like a number (`--reconnect-hint 1234`) is
+/// still the text the user wrote.
+fn text<'de, D: Deserializer<'de>, T: From<String>>(d: D) -> Result<T, D::Error> {
+    struct Text;
+    impl serde::de::Visitor<'_> for Text {
+        type Value = String;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("text")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+    }
+    d.deserialize_any(Text).map(T::from)
+}
+
+/// [`text`], with the empty text meaning none.
+fn optional_text<'de, D: Deserializer<'de>, T: From<String>>(d: D) -> Result<Option<T>, D::Error> {
+    let s: String = text(d)?;
+    Ok((!s.is_empty()).then(|| T::from(s)))
 }
 
 /// A duration: a bare number of seconds (`30`, `2.5`: what `--print-config` writes), or
@@ -247,176 +403,79 @@ fn parse_duration(v: &str) -> Result<Duration, String> {
         .map_err(|e| format!("`{v}` is not a duration (seconds, or like 500ms, 10s, 2m): {e}"))
 }
 
-fn parse<T: std::str::FromStr>(v: &str, what: &str) -> Result<T, String> {
-    v.trim().parse().map_err(|_| format!("`{v}` is not {what}"))
-}
+/// Durations, written as seconds.
+mod seconds {
+    use super::*;
 
-fn optional(v: &str) -> Option<String> {
-    (!v.is_empty()).then(|| v.to_string())
-}
-
-impl ServeConfig {
-    /// Sets one setting from its text form; the error says what is wrong with the value.
-    pub fn set(&mut self, key: &str, v: &str) -> Result<(), String> {
-        match key {
-            "listen" => self.listen = parse(v, "a socket address (IP:PORT)")?,
-            "shards" => self.shards = parse(v, "a number")?,
-            "data_dir" => self.data_dir = PathBuf::from(v),
-            "cert" => self.cert = optional(v).map(PathBuf::from),
-            "key" => self.key = optional(v).map(PathBuf::from),
-            "tick_rate" => self.tick_rate = parse(v, "a number of Hz (1..=1000)")?,
-            "room_capacity" => self.room_capacity = parse(v, "a number")?,
-            "max_connections" => self.max_connections = parse(v, "a number")?,
-            "hello_timeout" => self.hello_timeout = parse_duration(v)?,
-            "idle_timeout" => self.idle_timeout = parse_duration(v)?,
-            "empty_room_grace" => self.empty_room_grace = parse_duration(v)?,
-            "max_datagram" => self.max_datagram = parse(v, "a number of bytes")?,
-            "seed" => {
-                self.seed = match optional(v) {
-                    None => None,
-                    Some(v) => Some(parse(&v, "a number")?),
-                }
-            }
-            "stats_interval" => self.stats_interval = parse_duration(v)?,
-            "admin" => {
-                self.admin = match v.trim() {
-                    "off" | "" => None,
-                    a => Some(parse(a, "a socket address (IP:PORT) or `off`")?),
-                }
-            }
-            "admin_token" => self.admin_token = optional(v),
-            "drain_grace" => self.drain_grace = parse_duration(v)?,
-            "reconnect_hint" => self.reconnect_hint = v.to_string(),
-            "log_format" => {
-                self.log_format = match v.trim() {
-                    "text" => LogFormat::Text,
-                    "json" => LogFormat::Json,
-                    _ => return Err(format!("`{v}` is not `text` or `json`")),
-                }
-            }
-            _ => return Err(format!("unknown setting `{key}`")),
-        }
-        Ok(())
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
     }
 
-    /// The effective configuration as TOML (what `--print-config` shows; unset optional
-    /// settings are left out). The admin token is left out, never printed.
-    pub fn to_toml(&self) -> String {
-        let mut t = toml::Table::new();
-        let mut put = |k: &str, v: toml::Value| {
-            t.insert(k.to_string(), v);
-        };
-        let secs = |d: Duration| toml::Value::Float(d.as_secs_f64());
-        let text = |s: String| toml::Value::String(s);
-        put("listen", text(self.listen.to_string()));
-        put("shards", toml::Value::Integer(self.shards as i64));
-        put("data_dir", text(self.data_dir.display().to_string()));
-        if let Some(c) = &self.cert {
-            put("cert", text(c.display().to_string()));
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let v: String = text(d)?;
+        parse_duration(&v).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The seed: an integer, or a string for seeds above TOML's signed 64-bit integers.
+mod seed {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match v.map(i64::try_from) {
+            Some(Ok(i)) => s.serialize_i64(i),
+            Some(Err(_)) => s.serialize_str(&v.unwrap_or_default().to_string()),
+            None => s.serialize_none(),
         }
-        if let Some(k) = &self.key {
-            put("key", text(k.display().to_string()));
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        let v: String = text(d)?;
+        match v.trim() {
+            "" => Ok(None),
+            v => v
+                .parse()
+                .map(Some)
+                .map_err(|_| serde::de::Error::custom(format!("`{v}` is not a number"))),
         }
-        put("tick_rate", toml::Value::Integer(self.tick_rate.into()));
-        put(
-            "room_capacity",
-            toml::Value::Integer(self.room_capacity.into()),
-        );
-        put(
-            "max_connections",
-            toml::Value::Integer(self.max_connections as i64),
-        );
-        put("hello_timeout", secs(self.hello_timeout));
-        put("idle_timeout", secs(self.idle_timeout));
-        put("empty_room_grace", secs(self.empty_room_grace));
-        put(
-            "max_datagram",
-            toml::Value::Integer(self.max_datagram as i64),
-        );
-        if let Some(s) = self.seed {
-            // TOML integers are signed 64-bit; larger seeds are written as strings.
-            put(
-                "seed",
-                i64::try_from(s).map_or_else(|_| text(s.to_string()), toml::Value::Integer),
-            );
-        }
-        put("stats_interval", secs(self.stats_interval));
-        put(
-            "admin",
-            text(self.admin.map_or("off".into(), |a| a.to_string())),
-        );
-        // The token is never printed (the output may be pasted or kept as a file).
-        put("drain_grace", secs(self.drain_grace));
-        put("reconnect_hint", text(self.reconnect_hint.clone()));
-        put(
-            "log_format",
-            text(match self.log_format {
-                LogFormat::Text => "text".into(),
-                LogFormat::Json => "json".into(),
+    }
+}
+
+/// A socket address, `IP:PORT`.
+mod address {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &SocketAddr, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+        let v: String = text(d)?;
+        v.trim().parse().map_err(|_| {
+            serde::de::Error::custom(format!("`{v}` is not a socket address (IP:PORT)"))
+        })
+    }
+}
+
+/// The admin address: `IP:PORT`, or `off`.
+mod admin_address {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&v.map_or("off".into(), |a| a.to_string()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let v: String = text(d)?;
+        match v.trim() {
+            "off" | "" => Ok(None),
+            a => a.parse().map(Some).map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "`{a}` is not a socket address (IP:PORT) or `off`"
+                ))
             }),
-        );
-        toml::to_string(&t).unwrap_or_default()
-    }
-}
-
-/// Merges the sources, highest precedence first: `flags` (key and value, as given on the
-/// command line), `env` (looks up an environment variable), `file` (name and TOML text of
-/// the `--config` file), then the defaults; validates the result. Pure: no I/O of its own.
-pub fn resolve(
-    flags: &[(String, String)],
-    env: &dyn Fn(&str) -> Option<String>,
-    file: Option<(&str, &str)>,
-) -> Result<ServeConfig, ConfigError> {
-    let mut c = ServeConfig::default();
-    if let Some((name, text)) = file {
-        let table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::File {
-            file: name.to_string(),
-            reason: e.to_string(),
-        })?;
-        for (k, v) in &table {
-            if !SETTINGS.iter().any(|(key, _)| key == k) {
-                return Err(ConfigError::File {
-                    file: name.to_string(),
-                    reason: format!("unknown setting `{k}`"),
-                });
-            }
-            let value = match v {
-                toml::Value::String(s) => s.clone(),
-                toml::Value::Integer(i) => i.to_string(),
-                toml::Value::Float(f) => f.to_string(),
-                toml::Value::Boolean(b) => b.to_string(),
-                _ => {
-                    return Err(ConfigError::Invalid {
-                        setting: format!("{k} in {name}"),
-                        reason: "must be a string or a number".into(),
-                    })
-                }
-            };
-            c.set(k, &value).map_err(|reason| ConfigError::Invalid {
-                setting: format!("{k} in {name}"),
-                reason,
-            })?;
         }
     }
-    for (key, _) in SETTINGS {
-        let var = env_name(key);
-        // An empty variable (say, a missing Kubernetes secret) counts as unset: it must not
-        // clear what the file says, such as the admin token.
-        if let Some(v) = env(&var).filter(|v| !v.is_empty()) {
-            c.set(key, &v).map_err(|reason| ConfigError::Invalid {
-                setting: var,
-                reason,
-            })?;
-        }
-    }
-    for (key, v) in flags {
-        c.set(key, v).map_err(|reason| ConfigError::Invalid {
-            setting: flag_name(key),
-            reason,
-        })?;
-    }
-    c.validate()?;
-    Ok(c)
 }
 
 #[cfg(test)]
@@ -487,7 +546,7 @@ mod tests {
         assert!(e.contains("f.toml") && e.contains("tick_rat"), "{e}");
         let e = err(&[], &none, Some(("f.toml", "tick_rate = \"fast\"")));
         assert!(
-            e.contains("tick_rate in f.toml") && e.contains("fast"),
+            e.contains("\"tick_rate\" in config file f.toml") && e.contains("fast"),
             "{e}"
         );
         let e = err(&[], &none, Some(("f.toml", "tick_rate = [")));
@@ -521,5 +580,61 @@ mod tests {
         let back = resolve(&[], &none, Some(("printed", &text))).unwrap();
         assert_eq!(back.to_toml(), text);
         assert_eq!(back.seed, Some(7));
+    }
+
+    /// Every setting reads from each source the same way: a value for every key given as
+    /// flags, as environment variables, and as the file `--print-config` writes, gives the
+    /// same configuration (the token, never printed, aside). A new setting without a sample
+    /// here fails the test.
+    #[test]
+    fn every_setting_reads_from_each_source() {
+        let sample = |key: &str| -> &'static str {
+            match key {
+                "listen" => "127.0.0.2:5000",
+                "shards" => "3",
+                "data_dir" => "/var/lib/tickshard",
+                "cert" => "/etc/tls/chain.pem",
+                "key" => "/etc/tls/key.pem",
+                "tick_rate" => "60",
+                "room_capacity" => "16",
+                "max_connections" => "500",
+                "hello_timeout" => "3s",
+                "idle_timeout" => "2.5",
+                "empty_room_grace" => "1m",
+                "max_datagram" => "900",
+                "stats_interval" => "0",
+                "seed" => "12345",
+                "admin" => "off",
+                "admin_token" => "777",
+                "drain_grace" => "45",
+                "reconnect_hint" => "eu-2.example:4433",
+                "log_format" => "json",
+                other => panic!("no sample for setting `{other}`"),
+            }
+        };
+        let flags: Vec<(String, String)> = setting_keys()
+            .into_iter()
+            .map(|k| {
+                let v = sample(&k).to_string();
+                (k, v)
+            })
+            .collect();
+        let none = |_: &str| None;
+        let from_flags = resolve(&flags, &none, None).unwrap();
+        assert_ne!(from_flags, ServeConfig::default());
+        assert_eq!(from_flags.admin_token.as_deref(), Some("777"));
+        assert_eq!(from_flags.empty_room_grace, Duration::from_secs(60));
+        let env = |var: &str| {
+            flags
+                .iter()
+                .find(|(k, _)| env_name(k) == var)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(resolve(&[], &env, None).unwrap(), from_flags);
+        let printed = from_flags.to_toml();
+        assert!(!printed.contains("777"), "the token is never printed");
+        let mut from_file = resolve(&[], &none, Some(("printed", &printed))).unwrap();
+        from_file.admin_token = from_flags.admin_token.clone();
+        assert_eq!(from_file, from_flags);
     }
 }
