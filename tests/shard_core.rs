@@ -1,5 +1,8 @@
 //! Deterministic tests of the shard core: no sockets, a virtual clock, N clients, seeded loss,
 //! latency, jitter and reordering (see `harness/mod.rs`).
+//!
+//! (Over 1,000 lines: one test per behaviour, each a short scenario on the shared harness;
+//! one file keeps them a single test binary, built and linked once.)
 
 mod harness;
 

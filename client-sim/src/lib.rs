@@ -1,5 +1,9 @@
 //! client-sim: a tickshard client for Rust games, and the engine of the bot swarm.
 //!
+//! (About 900 lines: the client's whole session, from handshake to leave, in one state
+//! machine, as quinn-proto keeps a connection in one; its parts live in `link`, `trust`,
+//! `check` and the schema crate.)
+//!
 //! [`Client`] is a sans-IO client, in the style of quinn-proto (on which it is built): it
 //! performs no I/O and reads no clock. Feed it UDP datagrams with
 //! [`Client::handle_datagram`] and deadlines with [`Client::handle_timeout`]; send what

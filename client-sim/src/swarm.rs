@@ -1,5 +1,8 @@
 //! The swarm engine: many bots per event loop, one loop per thread.
 //!
+//! (About 1,000 lines: one event loop whose pass is read top to bottom; the bots' own logic
+//! is in `behavior` and `check`.)
+//!
 //! Each thread owns a slice of the bots and a few UDP sockets (one per
 //! [`SwarmConfig::bots_per_socket`] bots). Bots tag their QUIC connection IDs with their
 //! number ([`Client::connect_tagged`]), so the datagrams arriving on a shared socket are

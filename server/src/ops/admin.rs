@@ -1,5 +1,8 @@
 //! The admin HTTP endpoint: Prometheus metrics, health, status, and operator actions.
 //!
+//! (Over 800 lines with its tests, about 200: the hub, the transport and the routes are one
+//! contract between the shards and operators, read together.)
+//!
 //! It runs on its own thread, never on a shard executor, and never slows a tick: shards
 //! publish a [`ShardReport`] into their slot of the [`Hub`] every `REPORT_INTERVAL` from
 //! their housekeeping, and this thread only reads the latest one. Actions go the other way
