@@ -364,6 +364,42 @@ fn silent_client_is_closed_at_the_hello_deadline() {
     assert_eq!(server_code(&net, bad), Some(codes::HELLO_TIMEOUT as u64));
 }
 
+/// A welcomed client that never joins is closed with LOBBY_TIMEOUT once the lobby timeout
+/// has passed since its welcome, and not before; one that leaves its room gets the timeout
+/// again from its leave; a seated player is never closed for it. (At 2 s; housekeeping checks
+/// every 50 ms.)
+#[test]
+fn clients_that_stay_in_the_lobby_are_closed_at_the_lobby_timeout() {
+    let mut net = Net::new(NetConfig {
+        lobby_timeout: Duration::from_secs(2),
+        ..Default::default()
+    });
+    let idle = net.add_client();
+    let leaver = net.add_client();
+    let player = net.add_client();
+    net.connect_all(Duration::from_secs(2));
+    net.clients[leaver].client.join(None, "arena");
+    net.clients[player].client.join(None, "arena");
+    net.run_for(Duration::from_millis(1000));
+    assert!(room_of(&net, leaver).is_some() && room_of(&net, player).is_some());
+    net.clients[leaver].client.leave();
+    // Welcomed within the first few milliseconds: still open just before 2 s.
+    net.run_for(Duration::from_millis(850));
+    assert_eq!(net.closed(idle), None, "{:?}", net.events(idle));
+    net.run_for(Duration::from_millis(400));
+    assert_eq!(server_code(&net, idle), Some(codes::LOBBY_TIMEOUT as u64));
+    assert_eq!(
+        net.closed(leaver),
+        None,
+        "the leaver's timeout counts from its leave"
+    );
+    net.run_for(Duration::from_millis(1000));
+    assert_eq!(server_code(&net, leaver), Some(codes::LOBBY_TIMEOUT as u64));
+    net.run_for(Duration::from_secs(3));
+    assert_eq!(net.closed(player), None, "a seated player stays");
+    assert!(room_of(&net, player).is_some());
+}
+
 #[test]
 fn join_of_a_missing_room_is_an_error_and_the_session_stays() {
     let (net, bad) = with_bystander(
@@ -764,7 +800,7 @@ fn a_full_shard_refuses_new_connections_and_keeps_its_players() {
         "{:?}",
         net.closed(c)
     );
-    assert_eq!(net.shards[0].counters().refused, 1);
+    assert_eq!(net.shards[0].counters().refused_full, 1);
     let before = (net.snapshots(a), net.snapshots(b));
     net.play(30, |_, _| Some((0, 0, 0, 0)));
     assert!(net.snapshots(a) - before.0 >= 29 && net.snapshots(b) - before.1 >= 29);
@@ -913,6 +949,8 @@ fn drain_notifies_refuses_new_connections_and_new_rooms_and_ends_rooms_with_resu
     let d = net.add_client();
     net.run_for(Duration::from_secs(1));
     assert_eq!(server_code(&net, d), Some(codes::DRAINING as u64));
+    assert_eq!(net.shards[0].counters().refused_draining, 1);
+    assert_eq!(net.shards[0].counters().refused_full, 0);
     // A quick match that needs a new room (the only one is full) is refused with 106.
     net.clients[c].client.join(None, "arena");
     net.run_for(Duration::from_millis(200));

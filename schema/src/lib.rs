@@ -1039,6 +1039,8 @@ pub mod codes {
     pub const SLOW_CONSUMER: u32 = 11;
     /// Close: the server is shutting down.
     pub const SHUTTING_DOWN: u32 = 12;
+    /// Close: a welcomed client sat in no room for the lobby timeout.
+    pub const LOBBY_TIMEOUT: u32 = 13;
 
     /// Request: no room with that id.
     pub const ROOM_NOT_FOUND: u16 = 100;

@@ -40,6 +40,7 @@ pub struct NetConfig {
     pub up: Link,
     pub down: Link,
     pub hello_timeout: Duration,
+    pub lobby_timeout: Duration,
     pub empty_room_grace: Duration,
     pub max_connections: usize,
 }
@@ -54,6 +55,7 @@ impl Default for NetConfig {
             up: CLEAN,
             down: CLEAN,
             hello_timeout: Duration::from_secs(5),
+            lobby_timeout: Duration::from_secs(120),
             empty_room_grace: Duration::from_secs(5),
             max_connections: 10_000,
         }
@@ -225,6 +227,7 @@ impl Net {
                         server_config: server_config.clone(),
                         max_connections: config.max_connections,
                         hello_timeout: config.hello_timeout,
+                        lobby_timeout: config.lobby_timeout,
                         empty_room_grace: config.empty_room_grace,
                         max_datagram: 1100,
                         seed: Some(config.seed),

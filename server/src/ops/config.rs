@@ -73,6 +73,11 @@ pub struct ServeConfig {
     #[arg(long, value_parser = parse_duration)]
     #[serde(with = "seconds")]
     pub hello_timeout: Duration,
+    /// How long a welcomed client may stay in no room before it is closed (LOBBY_TIMEOUT), 0:
+    /// never [default: 120].
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(with = "seconds")]
+    pub lobby_timeout: Duration,
     /// QUIC idle timeout [default: 10].
     #[arg(long, value_parser = parse_duration)]
     #[serde(with = "seconds")]
@@ -126,6 +131,7 @@ impl Default for ServeConfig {
             room_capacity: 64,
             max_connections: 10_000,
             hello_timeout: Duration::from_secs(10),
+            lobby_timeout: Duration::from_secs(120),
             idle_timeout: Duration::from_secs(10),
             empty_room_grace: Duration::from_secs(10),
             // A 1200-byte QUIC packet (the minimum path MTU) carries a datagram of about 1,160
@@ -198,6 +204,7 @@ impl ServeConfig {
         }
         for (setting, d) in [
             ("--hello-timeout", self.hello_timeout),
+            ("--lobby-timeout", self.lobby_timeout),
             ("--idle-timeout", self.idle_timeout),
             ("--empty-room-grace", self.empty_room_grace),
             ("--stats-interval", self.stats_interval),
@@ -599,6 +606,7 @@ mod tests {
                 "room_capacity" => "16",
                 "max_connections" => "500",
                 "hello_timeout" => "3s",
+                "lobby_timeout" => "5m",
                 "idle_timeout" => "2.5",
                 "empty_room_grace" => "1m",
                 "max_datagram" => "900",

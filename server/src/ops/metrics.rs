@@ -206,7 +206,7 @@ impl Collector for Reports {
             1.0,
         )?;
         type Get = fn(&ShardReport) -> f64;
-        let simple: [(&str, MetricType, &str, Get); 10] = [
+        let simple: [(&str, MetricType, &str, Get); 9] = [
             (
                 "tickshard_tick_overruns",
                 Counter,
@@ -238,12 +238,6 @@ impl Collector for Reports {
                 |r| r.counters.handshakes as f64,
             ),
             (
-                "tickshard_connections_refused",
-                Counter,
-                "Connections refused (full or draining).",
-                |r| r.counters.refused as f64,
-            ),
-            (
                 "tickshard_shard_draining",
                 Gauge,
                 "1 while the shard drains.",
@@ -272,7 +266,16 @@ impl Collector for Reports {
             )?;
         }
         // Counters with one label: (name, help, label, (value, get) per label value).
-        let labelled: [(&str, &str, &str, ByLabel<'_>); 3] = [
+        let labelled: [(&str, &str, &str, ByLabel<'_>); 4] = [
+            (
+                "tickshard_connections_refused",
+                "Connections refused, by reason: the shard at its limit, or the process draining.",
+                "reason",
+                &[
+                    ("full", |r| r.counters.refused_full),
+                    ("draining", |r| r.counters.refused_draining),
+                ],
+            ),
             (
                 "tickshard_datagrams",
                 "UDP datagrams by direction.",

@@ -217,6 +217,7 @@ pub fn serve_with_fleet(
             server_config: server_config.clone(),
             max_connections: config.max_connections,
             hello_timeout: config.hello_timeout,
+            lobby_timeout: config.lobby_timeout,
             empty_room_grace: config.empty_room_grace,
             max_datagram: config.max_datagram,
             seed: config.seed,

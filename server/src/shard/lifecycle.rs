@@ -132,8 +132,8 @@ impl ShardCore {
             match route {
                 Route::Local(key) => {
                     if let Some(s) = self.sessions.by_key_mut(key) {
-                        if s.seat == Seat::In(room) {
-                            s.seat = Seat::None;
+                        if *s.seat() == Seat::In(room) {
+                            s.set_seat(Seat::None, now);
                         }
                     }
                 }
@@ -149,8 +149,10 @@ impl ShardCore {
 
     // ---- housekeeping and the drain ----
 
-    /// Closes sessions that sent no hello in time, and gives up joins no shard answered.
+    /// Closes sessions that sent no hello in time or stayed in the lobby too long, and gives
+    /// up joins no shard answered.
     pub(super) fn expire_deadlines(&mut self, now: Instant) {
+        let lobby = self.config.lobby_timeout;
         for ch in 0..self.sessions.slots() {
             let Some(s) = self.sessions.get_mut(ch) else {
                 continue;
@@ -160,11 +162,16 @@ impl ShardCore {
                     let reason = "no hello before the deadline";
                     self.close(ch, now, codes::HELLO_TIMEOUT, reason);
                 }
-            } else if let Seat::Joining { deadline, .. } = s.seat {
+            } else if let Seat::Joining { deadline, .. } = *s.seat() {
                 if deadline <= now {
                     // A late reply finds the seat no longer joining and hands the seat back.
-                    s.seat = Seat::None;
+                    s.set_seat(Seat::None, now);
                     self.send_error(ch, codes::SHARD_UNAVAILABLE, now);
+                }
+            } else if let Some(since) = s.lobby_since() {
+                if !lobby.is_zero() && since + lobby <= now {
+                    let reason = "no room joined before the lobby timeout";
+                    self.close(ch, now, codes::LOBBY_TIMEOUT, reason);
                 }
             }
         }

@@ -104,6 +104,9 @@ pub struct ShardConfig {
     pub max_connections: usize,
     /// A client must send `Hello` this soon after the handshake.
     pub hello_timeout: Duration,
+    /// A welcomed client that sits in no room (and joins none) this long is closed with
+    /// `LOBBY_TIMEOUT`; zero: never.
+    pub lobby_timeout: Duration,
     /// An empty room closes after this long.
     pub empty_room_grace: Duration,
     /// Largest snapshot datagram.
@@ -246,7 +249,7 @@ impl ShardCore {
         match self.drain {
             DrainState::Stopped => true,
             DrainState::Draining { .. } => {
-                self.rooms.is_empty() && self.sessions.iter().all(|s| s.seat == Seat::None)
+                self.rooms.is_empty() && self.sessions.iter().all(|s| *s.seat() == Seat::None)
             }
             DrainState::Serving | DrainState::NoNewRooms => false,
         }
@@ -302,7 +305,7 @@ impl ShardCore {
             }
             Some(DatagramEvent::NewConnection(incoming)) => {
                 if self.connections() >= self.config.max_connections {
-                    self.counters.refused += 1;
+                    self.counters.refused_full += 1;
                     let t = self.endpoint.refuse(incoming, &mut buf);
                     self.responses.push_back((t, buf));
                     return;
@@ -451,8 +454,8 @@ impl ShardCore {
                 if let Some(ch) = self.sessions.slot_of(player) {
                     if let ControlMsg::Left { room_id, .. } = &msg {
                         if let Some(s) = self.sessions.get_mut(ch) {
-                            if s.seat == Seat::In(RoomId(*room_id)) {
-                                s.seat = Seat::None;
+                            if *s.seat() == Seat::In(RoomId(*room_id)) {
+                                s.set_seat(Seat::None, now);
                             }
                         }
                     }
@@ -580,7 +583,7 @@ impl ShardCore {
             return;
         };
         let busy = s.take_busy();
-        if !received || busy || !matches!(s.seat, Seat::In(_)) {
+        if !received || busy || !matches!(s.seat(), Seat::In(_)) {
             self.sessions.mark_dirty(ch);
         }
         self.sessions.after_io(ch);
@@ -593,7 +596,7 @@ impl ShardCore {
                 // A draining process accepts the handshake, then closes with DRAINING, so the
                 // client learns why (an application code needs the handshake done).
                 if self.drain.refuses_connections() {
-                    self.counters.refused += 1;
+                    self.counters.refused_draining += 1;
                     let reason = "server is draining; connect to another server";
                     self.close(ch, now, codes::DRAINING, reason);
                 }
@@ -635,7 +638,7 @@ impl ShardCore {
         };
         s.mark_closed();
         let player = s.player;
-        match std::mem::replace(&mut s.seat, Seat::None) {
+        match s.set_seat(Seat::None, now) {
             Seat::In(room) => self.leave_room(player, room, now),
             // The reply will find no player and hand the seat back.
             Seat::Joining { .. } | Seat::None => {}

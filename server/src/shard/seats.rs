@@ -22,9 +22,9 @@ impl ShardCore {
         let player = s.player;
         match req {
             Request::Join { room_id, mode } => self.on_join(ch, player, room_id, mode, now),
-            Request::Leave => match s.seat.clone() {
+            Request::Leave => match *s.seat() {
                 Seat::In(room) => {
-                    s.seat = Seat::None;
+                    s.set_seat(Seat::None, now);
                     self.leave_room(player, room, now);
                     let reason = LeaveReason::Requested;
                     let left = ControlMsg::Left {
@@ -35,7 +35,7 @@ impl ShardCore {
                 }
                 _ => self.send_error(ch, codes::NOT_IN_ROOM, now),
             },
-            Request::Chat { text } => match s.seat {
+            Request::Chat { text } => match *s.seat() {
                 Seat::In(room) if room.shard() == self.config.shard => {
                     self.broadcast_chat(room, player, text, now)
                 }
@@ -52,7 +52,7 @@ impl ShardCore {
             return;
         };
         let player = s.player;
-        match s.seat {
+        match *s.seat() {
             Seat::In(room) if room.shard() == self.config.shard => {
                 let known = self
                     .rooms
@@ -80,7 +80,7 @@ impl ShardCore {
         let Some(s) = self.sessions.get_mut(ch) else {
             return;
         };
-        if s.seat != Seat::None {
+        if *s.seat() != Seat::None {
             return self.send_error(ch, codes::ALREADY_IN_ROOM, now);
         }
         if room_id != 0 {
@@ -125,7 +125,7 @@ impl ShardCore {
         match self.seat_here(player, Route::Local(key), room) {
             Ok(joined) => {
                 if let Some(s) = self.sessions.get_mut(ch) {
-                    s.seat = Seat::In(room);
+                    s.set_seat(Seat::In(room), now);
                 }
                 self.send_control(ch, &joined, now);
             }
@@ -144,11 +144,14 @@ impl ShardCore {
     ) {
         if let Some(s) = self.sessions.get_mut(ch) {
             let deadline = now + JOIN_TIMEOUT;
-            s.seat = Seat::Joining {
-                room,
-                quick,
-                deadline,
-            };
+            s.set_seat(
+                Seat::Joining {
+                    room,
+                    quick,
+                    deadline,
+                },
+                now,
+            );
             self.outbox
                 .push_back((room.shard(), ShardMsg::JoinRequest { player, room }));
         }
@@ -171,14 +174,15 @@ impl ShardCore {
     ) {
         let joining = self.sessions.slot_of(player).and_then(|ch| {
             let s = self.sessions.get_mut(ch)?;
-            let Seat::Joining { quick, .. } = &s.seat else {
+            let Seat::Joining { quick, .. } = s.seat() else {
                 return None;
             };
             let quick = quick.clone();
-            s.seat = match &result {
+            let seat = match &result {
                 Ok(info) => Seat::In(info.room),
                 Err(_) => Seat::None,
             };
+            s.set_seat(seat, now);
             Some((ch, quick))
         });
         let Some((ch, quick)) = joining else {

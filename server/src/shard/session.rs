@@ -138,7 +138,9 @@ pub struct Session {
     /// The player this session is (welcomed or not yet).
     pub(super) player: PlayerId,
     /// Where the player sits.
-    pub(super) seat: Seat,
+    seat: Seat,
+    /// Since when a welcomed player has had no seat (and no join under way).
+    lobby_since: Option<Instant>,
     /// On the shard's list of connections to poll for transmits.
     pub(super) dirty: bool,
     conn: Connection,
@@ -172,6 +174,7 @@ impl Session {
             generation,
             player,
             seat: Seat::None,
+            lobby_since: None,
             dirty: false,
             conn,
             phase: Phase::AwaitHello {
@@ -195,6 +198,22 @@ impl Session {
     /// Where the session is in its life.
     pub fn phase(&self) -> Phase {
         self.phase
+    }
+    /// Where the player sits.
+    pub fn seat(&self) -> &Seat {
+        &self.seat
+    }
+    /// Since when a welcomed player has sat nowhere with no join under way, if it has.
+    pub fn lobby_since(&self) -> Option<Instant> {
+        self.lobby_since
+    }
+    /// Moves the player to `seat` at `now`; returns where it sat.
+    pub fn set_seat(&mut self, seat: Seat, now: Instant) -> Seat {
+        self.lobby_since = match (&seat, self.phase) {
+            (Seat::None, Phase::Ready) => Some(self.lobby_since.unwrap_or(now)),
+            _ => None,
+        };
+        std::mem::replace(&mut self.seat, seat)
     }
     /// Welcomed and not closed.
     pub fn is_ready(&self) -> bool {
@@ -348,6 +367,7 @@ impl Session {
     /// The connection is gone (lost, or closed): nothing more is read or sent.
     pub fn mark_closed(&mut self) {
         self.phase = Phase::Closed;
+        self.lobby_since = None;
     }
 
     // ---- the control stream ----
@@ -443,6 +463,7 @@ impl Session {
             },
             ControlMsg::Hello { .. } => {
                 self.phase = Phase::Ready;
+                self.lobby_since = Some(now);
                 SessionEvent::Hello
             }
             _ if !ready => close(codes::PROTOCOL_VIOLATION, "message before hello"),

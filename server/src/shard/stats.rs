@@ -85,8 +85,10 @@ pub struct Counters {
     pub udp_send_calls: u64,
     /// Connections accepted.
     pub handshakes: u64,
-    /// Connections refused (full or draining).
-    pub refused: u64,
+    /// Connections refused because the shard was at its limit.
+    pub refused_full: u64,
+    /// Connections refused (closed with DRAINING) because the process drains.
+    pub refused_draining: u64,
     /// Sessions that completed hello.
     pub sessions: u64,
     /// Connections the server closed for bad input (any close code but normal end,
