@@ -42,6 +42,7 @@ use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
+use subtle::ConstantTimeEq;
 use tracing::{debug, warn};
 
 /// Largest request head (request line and headers).
@@ -499,7 +500,12 @@ pub fn route(req: &Request, hub: &Hub) -> Response {
     }
     let probe = matches!(segments.as_slice(), ["healthz"] | ["readyz"]);
     if let Some(token) = &hub.token {
-        if !probe && req.bearer.as_deref() != Some(token.as_str()) {
+        // Compared in constant time: how long a wrong token takes says nothing of the right one.
+        let good = req
+            .bearer
+            .as_deref()
+            .is_some_and(|b| bool::from(b.as_bytes().ct_eq(token.as_bytes())));
+        if !probe && !good {
             return Response::error(401, "missing or wrong bearer token");
         }
     }

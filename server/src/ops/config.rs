@@ -105,6 +105,14 @@ pub struct ServeConfig {
     #[arg(long)]
     #[serde(deserialize_with = "optional_text", skip_serializing)]
     pub admin_token: Option<String>,
+    /// File whose first line is the admin bearer token (a mounted secret), instead of
+    /// --admin-token.
+    #[arg(long)]
+    #[serde(
+        deserialize_with = "optional_text",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub admin_token_file: Option<PathBuf>,
     /// How long a drain (SIGTERM, POST /drain) lets rooms run before closing what remains
     /// [default: 30].
     #[arg(long, value_parser = parse_duration)]
@@ -141,6 +149,7 @@ impl Default for ServeConfig {
             seed: None,
             admin: Some(SocketAddr::from(([127, 0, 0, 1], 4434))),
             admin_token: None,
+            admin_token_file: None,
             drain_grace: Duration::from_secs(30),
             reconnect_hint: String::new(),
             log_format: LogFormat::Text,
@@ -190,6 +199,9 @@ impl ServeConfig {
                 "at most 255 (one connection-ID byte names the shard)",
             );
         }
+        if self.admin_token.is_some() && self.admin_token_file.is_some() {
+            return bad("--admin-token/--admin-token-file", "give one or the other");
+        }
         if self.cert.is_some() != self.key.is_some() {
             return bad("--cert/--key", "give both or neither");
         }
@@ -218,6 +230,37 @@ impl ServeConfig {
             return bad("--reconnect-hint", "at most 256 bytes");
         }
         Ok(())
+    }
+
+    /// The admin bearer token: `admin_token`, or the first line of `admin_token_file` (read
+    /// now). `None`: the admin endpoint asks for no token.
+    pub fn admin_token(&self) -> Result<Option<String>, ConfigError> {
+        let Some(path) = &self.admin_token_file else {
+            return Ok(self.admin_token.clone());
+        };
+        let invalid = |reason: String| ConfigError::Invalid {
+            setting: "--admin-token-file".into(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| invalid(format!("reading {}: {e}", path.display())))?;
+        match text.lines().next().map(str::trim) {
+            Some(t) if !t.is_empty() => Ok(Some(t.to_string())),
+            _ => Err(invalid(format!("{} holds no token", path.display()))),
+        }
+    }
+
+    /// A warning for operators when the admin endpoint (which can drain the server and kick
+    /// players) listens beyond loopback and asks for no token.
+    pub fn exposure_warning(&self) -> Option<String> {
+        let addr = self.admin?;
+        let open = self.admin_token.is_none() && self.admin_token_file.is_none();
+        (open && !addr.ip().is_loopback()).then(|| {
+            format!(
+                "the admin endpoint on {addr} accepts anyone who can reach it (it can drain the \
+                 server and kick players): set --admin-token or --admin-token-file"
+            )
+        })
     }
 
     /// Shards to run: the configured number, or one per available core.
@@ -614,6 +657,7 @@ mod tests {
                 "seed" => "12345",
                 "admin" => "off",
                 "admin_token" => "777",
+                "admin_token_file" => "",
                 "drain_grace" => "45",
                 "reconnect_hint" => "eu-2.example:4433",
                 "log_format" => "json",
@@ -644,5 +688,54 @@ mod tests {
         let mut from_file = resolve(&[], &none, Some(("printed", &printed))).unwrap();
         from_file.admin_token = from_flags.admin_token.clone();
         assert_eq!(from_file, from_flags);
+    }
+
+    /// The admin token can come from a file (a mounted secret) named by flag or environment;
+    /// a missing or empty file, or a token given both ways, is refused naming the setting.
+    /// An admin endpoint beyond loopback with no token gets a warning; on loopback, or with a
+    /// token, none.
+    #[test]
+    fn admin_token_from_a_file_and_the_open_admin_warning() {
+        let dir = std::env::temp_dir().join(format!("tickshard-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "s3cret \nignored\n").unwrap();
+        let path = file.display().to_string();
+        let none = |_: &str| None;
+        let flag = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
+        let c = resolve(&flag("admin_token_file", &path), &none, None).unwrap();
+        assert_eq!(c.admin_token().unwrap().as_deref(), Some("s3cret"));
+        let env = |k: &str| (k == "TICKSHARD_ADMIN_TOKEN_FILE").then(|| path.clone());
+        let c = resolve(&[], &env, None).unwrap();
+        assert_eq!(c.admin_token().unwrap().as_deref(), Some("s3cret"));
+        assert!(!c.to_toml().contains("s3cret"));
+        let mut both = flag("admin_token_file", &path);
+        both.extend(flag("admin_token", "x"));
+        let e = resolve(&both, &none, None).unwrap_err().to_string();
+        assert!(e.contains("--admin-token-file"), "{e}");
+        std::fs::write(&file, "\n").unwrap();
+        let c = resolve(&flag("admin_token_file", &path), &none, None).unwrap();
+        let e = c.admin_token().unwrap_err().to_string();
+        assert!(
+            e.contains("--admin-token-file") && e.contains("no token"),
+            "{e}"
+        );
+        let missing = dir.join("missing").display().to_string();
+        let c = resolve(&flag("admin_token_file", &missing), &none, None).unwrap();
+        assert!(c.admin_token().is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let open = resolve(&flag("admin", "0.0.0.0:4434"), &none, None).unwrap();
+        let w = open.exposure_warning().expect("warned");
+        assert!(
+            w.contains("0.0.0.0:4434") && w.contains("--admin-token"),
+            "{w}"
+        );
+        assert_eq!(ServeConfig::default().exposure_warning(), None, "loopback");
+        let mut guarded = flag("admin", "0.0.0.0:4434");
+        guarded.extend(flag("admin_token", "t"));
+        let c = resolve(&guarded, &none, None).unwrap();
+        assert_eq!(c.exposure_warning(), None);
+        assert_eq!(c.admin_token().unwrap().as_deref(), Some("t"));
     }
 }

@@ -154,6 +154,10 @@ pub fn serve_with_fleet(
     on_start: impl FnOnce(&Started),
 ) -> Result<(), StartError> {
     config.validate()?;
+    let admin_token = config.admin_token()?;
+    if let Some(w) = config.exposure_warning() {
+        tracing::warn!("{w}");
+    }
     let shards = config.shard_count();
     let identity = match (&config.cert, &config.key) {
         (Some(c), Some(k)) => Identity::load(c, k)?,
@@ -202,12 +206,7 @@ pub fn serve_with_fleet(
         command_tx.push(tx);
         command_rx.push(rx);
     }
-    let hub = Arc::new(Hub::new(
-        shards,
-        command_tx,
-        events_tx,
-        config.admin_token.clone(),
-    ));
+    let hub = Arc::new(Hub::new(shards, command_tx, events_tx, admin_token));
     let mut handles = Vec::new();
     for ((i, socket), commands) in sockets.sockets.into_iter().enumerate().zip(command_rx) {
         let shard_config = ShardConfig {
