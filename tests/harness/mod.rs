@@ -228,6 +228,7 @@ impl Net {
                         max_connections: config.max_connections,
                         hello_timeout: config.hello_timeout,
                         lobby_timeout: config.lobby_timeout,
+                        reset_key: None,
                         empty_room_grace: config.empty_room_grace,
                         max_datagram: 1100,
                         seed: Some(config.seed),

@@ -134,6 +134,37 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
 }
 
 /// Writes a file only its owner can read (a private key).
+/// Length of the stateless-reset key.
+pub const RESET_KEY_LEN: usize = 32;
+
+/// The key every shard signs stateless resets with, kept in `data_dir/reset-key` (created
+/// with mode 0600 at the first start) so that it outlives the process: after a crash and a
+/// restart, a client still connected to the old process gets a stateless reset at its next
+/// packet and knows at once, instead of waiting for its idle timeout.
+pub fn stateless_reset_key(data_dir: &Path) -> Result<[u8; RESET_KEY_LEN], TlsError> {
+    let path = data_dir.join("reset-key");
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            return bytes.try_into().map_err(|_| TlsError::Io {
+                path: path.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "a reset key is {RESET_KEY_LEN} bytes; delete the file to make a new one"
+                    ),
+                ),
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(TlsError::Io { path, source: e }),
+    }
+    std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
+    let mut key = [0u8; RESET_KEY_LEN];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut key);
+    write_private(&path, &key)?;
+    Ok(key)
+}
+
 fn write_private(path: &Path, data: &[u8]) -> Result<(), TlsError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;

@@ -155,6 +155,7 @@ pub fn serve_with_fleet(
 ) -> Result<(), StartError> {
     config.validate()?;
     let admin_token = config.admin_token()?;
+    let reset_key = tls::stateless_reset_key(&config.data_dir)?;
     if let Some(w) = config.exposure_warning() {
         tracing::warn!("{w}");
     }
@@ -217,6 +218,7 @@ pub fn serve_with_fleet(
             max_connections: config.max_connections,
             hello_timeout: config.hello_timeout,
             lobby_timeout: config.lobby_timeout,
+            reset_key: Some(reset_key),
             empty_room_grace: config.empty_room_grace,
             max_datagram: config.max_datagram,
             seed: config.seed,

@@ -113,6 +113,9 @@ pub struct ShardConfig {
     pub max_datagram: usize,
     /// Seed for everything random on this shard; `None` seeds from the OS.
     pub seed: Option<u64>,
+    /// The key stateless resets are signed with, the same on every shard and across restarts
+    /// (`net::tls::stateless_reset_key`); `None`: a random key of this shard's own.
+    pub reset_key: Option<[u8; crate::net::tls::RESET_KEY_LEN]>,
 }
 
 /// Where a shard core's outputs go: the runtime's socket and shard mesh, or a test network.
@@ -164,7 +167,12 @@ impl ShardCore {
         };
         let shard = config.shard;
         let cid_seed = config.seed.map(|s| s.wrapping_add(0x5eed));
-        let mut ep = EndpointConfig::default();
+        let mut ep = match config.reset_key {
+            Some(k) => {
+                EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &k)))
+            }
+            None => EndpointConfig::default(),
+        };
         ep.cid_generator(move || Box::new(ShardCidGenerator::new(shard, cid_seed)));
         let mut ep_seed = [0u8; 32];
         rng.fill_bytes(&mut ep_seed);
