@@ -35,6 +35,8 @@ impl ShardCore {
                 }
                 _ => self.send_error(ch, codes::NOT_IN_ROOM, now),
             },
+            // Nothing left once cleaned (see `clean_chat`): nothing to say.
+            Request::Chat { text } if text.is_empty() => {}
             Request::Chat { text } => match *s.seat() {
                 Seat::In(room) if room.shard() == self.config.shard => {
                     self.broadcast_chat(room, player, text, now)

@@ -471,7 +471,9 @@ impl Session {
                 SessionEvent::Request(Request::Join { room_id, mode })
             }
             ControlMsg::Leave => SessionEvent::Request(Request::Leave),
-            ControlMsg::Chat { text, .. } => SessionEvent::Request(Request::Chat { text }),
+            ControlMsg::Chat { text, .. } => SessionEvent::Request(Request::Chat {
+                text: clean_chat(&text),
+            }),
             _ => close(
                 codes::PROTOCOL_VIOLATION,
                 "message type is server-to-client only",
@@ -519,9 +521,41 @@ impl Session {
     }
 }
 
+/// Chat text as other players may see it: control characters (line breaks, escapes) and the
+/// characters that reorder text (bidirectional embeddings, overrides, isolates and marks, which
+/// can make a message show something other than what it says) are removed, and the ends
+/// trimmed. Empty text is not sent on.
+pub fn clean_chat(text: &str) -> String {
+    let reorders = |c: char| matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}');
+    let kept: String = text
+        .chars()
+        .filter(|&c| !c.is_control() && !reorders(c))
+        .collect();
+    kept.trim().to_string()
+}
+
 fn close(code: u32, reason: &str) -> SessionEvent {
     SessionEvent::Close {
         code,
         reason: reason.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clean_chat;
+
+    #[test]
+    fn chat_loses_control_and_reordering_characters() {
+        assert_eq!(clean_chat("gg, well played"), "gg, well played");
+        assert_eq!(clean_chat("héllo 世界 👋"), "héllo 世界 👋");
+        assert_eq!(
+            clean_chat("line\nbreak\r\tand \u{1b}[31mred"),
+            "linebreakand [31mred"
+        );
+        // "evil.exe" shown as "exe.live" by a right-to-left override, and isolates.
+        assert_eq!(clean_chat("file\u{202E}exe.live"), "fileexe.live");
+        assert_eq!(clean_chat("\u{2067}x\u{2069} \u{200F}y\u{061C}"), "x y");
+        assert_eq!(clean_chat(" \u{202A}\u{0007} "), "");
     }
 }
