@@ -88,8 +88,9 @@ pub struct Arena {
     /// What each cell's entities look like on the wire, quantised once per step for every
     /// viewer, with their world position for the view radius.
     visible: Vec<Vec<(EntityState, f32, f32)>>,
-    /// Standings of players who left, for the final result (one entry per leave).
-    departed: Vec<Standing>,
+    /// Standings of players who left, for the final result: one entry per player (a player
+    /// who leaves again adds to it), at most [`Arena::max_departed`], oldest dropped first.
+    departed: std::collections::VecDeque<Standing>,
 }
 
 const PROJ_BIT: u32 = 1 << 31;
@@ -114,8 +115,13 @@ impl Arena {
             next_entity: 1,
             grid: vec![Vec::new(); GRID * GRID],
             visible: vec![Vec::new(); GRID * GRID],
-            departed: Vec::new(),
+            departed: std::collections::VecDeque::new(),
         }
+    }
+
+    /// Most departed players the final result remembers: four rooms' worth, at least 64.
+    fn max_departed(&self) -> usize {
+        (4 * self.capacity).max(64)
     }
 
     /// Position of a player's entity in world units, if the player is in the game.
@@ -246,7 +252,16 @@ impl Game for Arena {
     fn leave(&mut self, player: PlayerId) {
         if let Some(i) = self.index.remove(&player) {
             let p = self.players.remove(i);
-            self.departed.push(standing(&p, false));
+            let s = standing(&p, false);
+            match self.departed.iter_mut().find(|d| d.player == p.id) {
+                Some(d) => add_up(d, &s),
+                None => {
+                    if self.departed.len() >= self.max_departed() {
+                        self.departed.pop_front();
+                    }
+                    self.departed.push_back(s);
+                }
+            }
             for (j, p) in self.players.iter().enumerate().skip(i) {
                 self.index.insert(p.id, j);
             }
@@ -401,8 +416,20 @@ impl Game for Arena {
     }
 
     fn final_result(&self) -> Vec<Standing> {
-        let mut out = self.departed.clone();
-        out.extend(self.players.iter().map(|p| standing(p, true)));
+        // One line per player: a present player's earlier stints are added to its standing.
+        let mut out: Vec<Standing> = self
+            .departed
+            .iter()
+            .filter(|d| !self.index.contains_key(&d.player))
+            .cloned()
+            .collect();
+        for p in &self.players {
+            let mut s = standing(p, true);
+            if let Some(d) = self.departed.iter().find(|d| d.player == p.id) {
+                add_up(&mut s, d);
+            }
+            out.push(s);
+        }
         out
     }
 
@@ -414,6 +441,17 @@ impl Game for Arena {
                 score: p.score,
             })
             .collect()
+    }
+}
+
+/// Adds `more`'s score, kills and deaths to `to`, which keeps its presence. A departed `to`
+/// takes `more`'s entity (the later stint's); a present one keeps its own.
+fn add_up(to: &mut Standing, more: &Standing) {
+    to.score += more.score;
+    to.kills = Some(to.kills.unwrap_or(0) + more.kills.unwrap_or(0));
+    to.deaths = Some(to.deaths.unwrap_or(0) + more.deaths.unwrap_or(0));
+    if !to.present {
+        to.entity = more.entity;
     }
 }
 
@@ -520,5 +558,50 @@ mod tests {
         }
         assert!(events.iter().any(|e| e.kind == EVENT_KILL), "{events:?}");
         assert_eq!(a.results()[0].score, 1);
+    }
+
+    /// The final result has one line per player however often it leaves and rejoins, with
+    /// its stints added up; players who left are remembered up to a bound, oldest first out.
+    #[test]
+    fn final_result_is_one_line_per_player_and_bounded() {
+        let mut a = arena();
+        let stay = PlayerId(1);
+        let hop = PlayerId(2);
+        a.join(stay).unwrap();
+        for _ in 0..600 {
+            a.join(hop).unwrap();
+            a.players[a.index[&hop]].score += 1;
+            a.players[a.index[&hop]].kills += 1;
+            a.leave(hop);
+        }
+        a.join(hop).unwrap();
+        a.players[a.index[&hop]].score += 5;
+        let r = a.final_result();
+        assert_eq!(r.len(), 2, "{r:?}");
+        let h = r.iter().find(|s| s.player == hop).unwrap();
+        assert!(h.present);
+        assert_eq!((h.score, h.kills), (605, Some(600)));
+        a.leave(hop);
+        let r = a.final_result();
+        let h = r.iter().find(|s| s.player == hop).unwrap();
+        assert!(!h.present);
+        assert_eq!(h.score, 605);
+        // 1,000 different players pass through: only the latest max_departed are kept.
+        for k in 0..1000u64 {
+            let p = PlayerId(100 + k);
+            a.join(p).unwrap();
+            a.leave(p);
+        }
+        let r = a.final_result();
+        assert_eq!(
+            r.len(),
+            a.max_departed() + 1,
+            "departed bound plus the one present"
+        );
+        assert!(
+            r.iter().any(|s| s.player == PlayerId(1099)),
+            "the latest is kept"
+        );
+        assert!(!r.iter().any(|s| s.player == hop), "the oldest went first");
     }
 }

@@ -115,7 +115,10 @@ pub trait Game {
     fn results(&self) -> Vec<PlayerResult>;
     /// The room's final result, called once when the room ends: every player who played in
     /// it, including those who left earlier (a room usually ends when its last player leaves,
-    /// so a game that wants a result must remember departed players). Default: empty.
+    /// so a game that wants a result must remember departed players), one line per player
+    /// however often it left and rejoined. What a game remembers must be bounded: players come
+    /// and go without end in a long-lived room (the arena keeps the latest 4 × capacity).
+    /// Default: empty.
     fn final_result(&self) -> Vec<Standing> {
         Vec::new()
     }
