@@ -307,6 +307,7 @@ impl Collector for Reports {
                     ("udp_send_error", |r| r.counters.udp_send_errors),
                     ("datagram_send_error", |r| r.counters.datagram_send_errors),
                     ("snapshot_deferred", |r| r.counters.snapshot_deferred),
+                    ("mesh_backlog_full", |r| r.counters.mesh_dropped),
                 ],
             ),
         ];

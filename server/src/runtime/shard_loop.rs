@@ -75,8 +75,42 @@ struct Io {
     /// Where ended rooms' results go (the supervisor).
     results: mpsc::Sender<RoomResult>,
     mesh: Option<Senders<ShardMsg>>,
-    /// Messages waiting for room in a peer's channel, per peer, in order.
+    /// Messages waiting for room in a peer's channel, per peer, in order; at most
+    /// [`MAX_MESH_BACKLOG`] each (see [`queue_bounded`]).
     mesh_backlog: Vec<VecDeque<ShardMsg>>,
+    /// Messages dropped at that bound since the last flush.
+    mesh_dropped: u64,
+}
+
+/// Most messages waiting for one peer shard whose channel is full. A peer that falls this far
+/// behind is stalled (the watchdog says so within 2 s); what waits for it must not grow
+/// without end meanwhile.
+pub const MAX_MESH_BACKLOG: usize = 8192;
+
+/// Queues `msg` behind a full channel. At [`MAX_MESH_BACKLOG`], what a later message mends is
+/// dropped first: an input (clients send every command several times), a snapshot (the next
+/// one supersedes it), a directory (advertised again): `msg` itself if it is one of those, else
+/// the oldest of those waiting, else the oldest message. Returns how many were dropped.
+pub fn queue_bounded(backlog: &mut VecDeque<ShardMsg>, msg: ShardMsg) -> u64 {
+    if backlog.len() < MAX_MESH_BACKLOG {
+        backlog.push_back(msg);
+        return 0;
+    }
+    let mended_later = |m: &ShardMsg| {
+        matches!(
+            m,
+            ShardMsg::Input { .. } | ShardMsg::Snapshot { .. } | ShardMsg::Directory { .. }
+        )
+    };
+    if mended_later(&msg) {
+        return 1;
+    }
+    match backlog.iter().position(mended_later) {
+        Some(i) => drop(backlog.remove(i)),
+        None => drop(backlog.pop_front()),
+    }
+    backlog.push_back(msg);
+    1
 }
 
 impl Io {
@@ -93,6 +127,7 @@ impl Io {
         let c = core.counters_mut();
         c.udp_send_errors += f.errors;
         c.udp_send_calls += f.calls;
+        c.mesh_dropped += std::mem::take(&mut self.mesh_dropped);
         wake
     }
 
@@ -164,13 +199,13 @@ impl Outputs for Io {
             return;
         };
         if !backlog.is_empty() {
-            backlog.push_back(msg);
+            self.mesh_dropped += queue_bounded(backlog, msg);
             return;
         }
         match mesh.try_send_to(peer, msg) {
             Ok(()) => {}
             Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(m))) => {
-                backlog.push_back(m)
+                self.mesh_dropped += queue_bounded(backlog, m)
             }
             Err(e) => warn!(peer, error = %e, "shard mesh send failed"),
         }
@@ -244,6 +279,7 @@ pub(super) async fn run_shard(
             results: link.results.clone(),
             mesh: senders,
             mesh_backlog: (0..peers_n).map(|_| VecDeque::new()).collect(),
+            mesh_dropped: 0,
         }),
         wake_timer: Notify::default(),
         timer_armed: Cell::new(None),
@@ -532,4 +568,57 @@ pub fn log_stats(core: &ShardCore, window: &mut StatsWindow) {
         t.ticks,
         t.overruns,
     ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::PlayerId;
+
+    fn chat(n: u64) -> ShardMsg {
+        ShardMsg::Chat {
+            player: PlayerId(n),
+            text: String::new(),
+        }
+    }
+
+    fn input(n: u64) -> ShardMsg {
+        ShardMsg::Input {
+            player: PlayerId(n),
+            input: Default::default(),
+        }
+    }
+
+    fn player(m: &ShardMsg) -> u64 {
+        match m {
+            ShardMsg::Chat { player, .. } | ShardMsg::Input { player, .. } => player.0,
+            _ => unreachable!(),
+        }
+    }
+
+    /// The backlog for a stalled peer stops at its bound: new inputs are dropped there, a
+    /// message that must arrive displaces the oldest input, and with no input left the oldest
+    /// message; each drop is counted.
+    #[test]
+    fn the_mesh_backlog_is_bounded_and_drops_what_is_mended_later_first() {
+        let mut b = VecDeque::new();
+        let mut dropped = 0;
+        for n in 0..MAX_MESH_BACKLOG as u64 {
+            let m = if n % 2 == 0 { input(n) } else { chat(n) };
+            dropped += queue_bounded(&mut b, m);
+        }
+        assert_eq!((b.len(), dropped), (MAX_MESH_BACKLOG, 0));
+        dropped += queue_bounded(&mut b, input(1_000_000));
+        assert_eq!(dropped, 1, "a new input at the bound is dropped");
+        assert!(b.iter().all(|m| player(m) != 1_000_000));
+        dropped += queue_bounded(&mut b, chat(2_000_000));
+        assert_eq!(b.len(), MAX_MESH_BACKLOG);
+        assert_eq!(player(&b[0]), 1, "the oldest input (0) made room");
+        assert_eq!(player(b.back().unwrap()), 2_000_000);
+        // Only chats left: the oldest message goes.
+        let mut c: VecDeque<ShardMsg> = (0..MAX_MESH_BACKLOG as u64).map(chat).collect();
+        dropped += queue_bounded(&mut c, chat(3_000_000));
+        assert_eq!(player(&c[0]), 1);
+        assert_eq!(dropped, 3);
+    }
 }

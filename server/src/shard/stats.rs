@@ -120,6 +120,9 @@ pub struct Counters {
     pub mesh_out: u64,
     /// Messages received from other shards.
     pub mesh_in: u64,
+    /// Messages for a peer shard dropped because too many waited for it (see
+    /// `runtime::shard_loop::MAX_MESH_BACKLOG`).
+    pub mesh_dropped: u64,
     /// Rooms created.
     pub rooms_created: u64,
     /// Rooms closed.
