@@ -81,6 +81,25 @@ fn requests_are_answered_within_a_round_trip() {
     assert_eq!(chats(&net), 1, "{:?}", net.events(c));
 }
 
+/// Chat reaches the room cleaned: a right-to-left override and a line break are gone, and a
+/// text of nothing but such characters reaches nobody.
+#[test]
+fn chat_reaches_the_room_without_reordering_or_control_characters() {
+    let mut net = Net::seated(2, NetConfig::default());
+    net.clients[0].client.chat("\u{202E}\n");
+    net.clients[0].client.chat("file\u{202E}exe.live\n");
+    net.run_for(Duration::from_millis(200));
+    let heard: Vec<&str> = net
+        .events(1)
+        .iter()
+        .filter_map(|e| match e {
+            ClientEvent::Chat { text, .. } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(heard, ["fileexe.live"]);
+}
+
 #[test]
 fn fifty_clients_in_several_rooms() {
     let mut net = Net::seated(

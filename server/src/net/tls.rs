@@ -276,6 +276,25 @@ pub fn server_config(
 mod tests {
     use super::*;
 
+    /// The reset key is made once, private, and read back the same; a file of the wrong size
+    /// is refused naming the file, not replaced (clients of the last process rely on it).
+    #[test]
+    fn reset_key_is_stored_private_and_reused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("tickshard-reset-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let a = stateless_reset_key(&dir).unwrap();
+        assert_eq!(stateless_reset_key(&dir).unwrap(), a);
+        let file = dir.join("reset-key");
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "the key is private");
+        std::fs::write(&file, b"short").unwrap();
+        let e = stateless_reset_key(&dir).unwrap_err().to_string();
+        assert!(e.contains("reset-key") && e.contains("32 bytes"), "{e}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"short");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn development_certificate_is_stored_and_reused() {
         let dir = std::env::temp_dir().join(format!("tickshard-tls-{}", std::process::id()));

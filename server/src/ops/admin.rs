@@ -49,7 +49,7 @@ use tracing::{debug, warn};
 pub const MAX_HEADER: usize = 8 * 1024;
 /// Largest request body.
 pub const MAX_BODY: usize = 64 * 1024;
-/// Read and write timeout of one admin connection; the whole request must arrive within it.
+/// How long an admin client has for its request head, and then for its body.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long an action waits for its shard (which answers within one housekeeping pass,
 /// 50 ms, unless it is stuck).

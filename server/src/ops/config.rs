@@ -41,6 +41,7 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     /// Number of shards (0: one per available core) [default: 0].
     #[arg(long)]
+    #[serde(deserialize_with = "number")]
     pub shards: usize,
     /// Directory for the development certificate and results files [default: .tickshard].
     #[arg(long)]
@@ -62,12 +63,15 @@ pub struct ServeConfig {
     pub key: Option<PathBuf>,
     /// Arena ticks per second, 1..=1000 [default: 30].
     #[arg(long)]
+    #[serde(deserialize_with = "number")]
     pub tick_rate: u16,
     /// Arena players per room, 1..=1024 [default: 64].
     #[arg(long)]
+    #[serde(deserialize_with = "number")]
     pub room_capacity: u16,
     /// Most connections per shard [default: 10000].
     #[arg(long)]
+    #[serde(deserialize_with = "number")]
     pub max_connections: usize,
     /// How long a client has to send hello after connecting [default: 10].
     #[arg(long, value_parser = parse_duration)]
@@ -88,6 +92,7 @@ pub struct ServeConfig {
     pub empty_room_grace: Duration,
     /// Largest snapshot datagram in bytes, 256..=1150 [default: 1100].
     #[arg(long)]
+    #[serde(deserialize_with = "number")]
     pub max_datagram: usize,
     /// How often each shard logs its figures, 0: never [default: 10].
     #[arg(long, value_parser = parse_duration)]
@@ -318,9 +323,9 @@ pub fn given_settings(matches: &clap::ArgMatches) -> Vec<(String, String)> {
         .collect()
 }
 
-/// A layer of settings given as text (flags, environment variables), each value read as
-/// figment reads environment variables (`30` a number, `true` a boolean, else a string),
-/// named in errors by `name_of(key)`.
+/// A layer of settings given as text (flags, environment variables), each value kept as
+/// the text it is (each field reads its own form: `number`, `text`, `seconds`, ...), named
+/// in errors by `name_of(key)`.
 struct TextLayer {
     values: Vec<(String, String)>,
     source: &'static str,
@@ -337,8 +342,7 @@ impl Provider for TextLayer {
     fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
         let mut dict = Dict::new();
         for (k, v) in &self.values {
-            let value: Value = v.parse().expect("figment's parse is infallible");
-            dict.insert(k.clone(), value);
+            dict.insert(k.clone(), Value::from(v.clone()));
         }
         Ok(Profile::Default.collect(dict))
     }
@@ -425,6 +429,12 @@ fn text<'de, D: Deserializer<'de>, T: From<String>>(d: D) -> Result<T, D::Error>
         fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
             Ok(v.to_string())
         }
+        fn visit_i128<E: serde::de::Error>(self, v: i128) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_u128<E: serde::de::Error>(self, v: u128) -> Result<String, E> {
+            Ok(v.to_string())
+        }
         fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<String, E> {
             Ok(v.to_string())
         }
@@ -433,6 +443,14 @@ fn text<'de, D: Deserializer<'de>, T: From<String>>(d: D) -> Result<T, D::Error>
         }
     }
     d.deserialize_any(Text).map(T::from)
+}
+
+/// A number, from a number (TOML) or its text (flags, environment).
+fn number<'de, D: Deserializer<'de>, T: std::str::FromStr>(d: D) -> Result<T, D::Error> {
+    let v: String = text(d)?;
+    v.trim()
+        .parse()
+        .map_err(|_| serde::de::Error::custom(format!("`{v}` is not a number in range")))
 }
 
 /// [`text`], with the empty text meaning none.
@@ -612,6 +630,34 @@ mod tests {
         assert!(e.contains("--tick-rate"), "{e}");
         let e = err(&[("log_format", "xml")], &none, None);
         assert!(e.contains("--log-format"), "{e}");
+    }
+
+    /// Text settings keep the text as written, even when it looks like a number (figment
+    /// reads flag and environment values as numbers where it can).
+    #[test]
+    fn text_settings_keep_numbers_as_written() {
+        let none = |_: &str| None;
+        for text in [
+            "4433",
+            "00123",
+            "123456789012345678901234567890",
+            "1.50",
+            "true",
+        ] {
+            let flags = vec![
+                ("reconnect_hint".to_string(), text.to_string()),
+                ("admin_token".to_string(), text.to_string()),
+            ];
+            let c = resolve(&flags, &none, None).unwrap();
+            assert_eq!(c.reconnect_hint, text);
+            assert_eq!(
+                c.admin_token.as_deref(),
+                Some(text),
+                "a token is used as written"
+            );
+        }
+        let e = resolve(&[("tick_rate".into(), "99999".into())], &none, None).unwrap_err();
+        assert!(e.to_string().contains("--tick-rate"), "{e}");
     }
 
     #[test]

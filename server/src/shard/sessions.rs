@@ -21,6 +21,9 @@ pub struct Sessions {
     /// Sessions by quinn's handle. Boxed: a `Session` is over 6 KB (quinn's `Connection`), and
     /// a slab of them inline would reserve up to twice the live connections' memory as it grows.
     slots: Vec<Option<Box<Session>>>,
+    /// Sessions held: the shard compares it with its limit at every new connection, so it is
+    /// counted rather than found by walking the slots.
+    live: usize,
     next_generation: u64,
     /// Welcomed players and their connections.
     players: HashMap<PlayerId, ConnKey>,
@@ -48,6 +51,8 @@ impl Sessions {
         }
         self.next_generation += 1;
         let generation = self.next_generation;
+        debug_assert!(self.slots[slot].is_none(), "quinn reused a slot still held");
+        self.live += 1;
         self.slots[slot] = Some(Box::new(Session::new(
             generation,
             conn,
@@ -93,27 +98,30 @@ impl Sessions {
     }
     /// How many sessions there are.
     pub fn len(&self) -> usize {
-        self.iter().count()
+        self.live
     }
     /// No sessions.
     pub fn is_empty(&self) -> bool {
-        self.iter().next().is_none()
+        self.live == 0
     }
 
     // ---- welcomed players ----
 
     /// Records that the session in `slot` is welcomed as its player.
     pub fn welcome(&mut self, slot: usize) {
-        if let Some(key) = self.key(slot) {
-            let player = self.slots[slot].as_ref().expect("key checked it").player;
-            self.players.insert(player, key);
+        if let Some(s) = self.get(slot) {
+            let key = ConnKey {
+                slot,
+                generation: s.generation,
+            };
+            self.players.insert(s.player, key);
         }
     }
     /// Forgets the session in `slot` as its player's connection.
     pub fn forget_player(&mut self, slot: usize) {
-        let Some(key) = self.key(slot) else { return };
-        let player = self.slots[slot].as_ref().expect("key checked it").player;
-        if self.players.get(&player) == Some(&key) {
+        let Some(s) = self.get(slot) else { return };
+        let (player, key) = (s.player, self.key(slot));
+        if self.players.get(&player).copied() == key {
             self.players.remove(&player);
         }
     }
@@ -195,6 +203,7 @@ impl Sessions {
     fn remove(&mut self, slot: usize) {
         self.forget_player(slot);
         if let Some(s) = self.slots[slot].take() {
+            self.live -= 1;
             self.timers.set(slot, None);
             self.retired.add(&s.stats());
             // The endpoint learns of the drain through the connection's endpoint events,
