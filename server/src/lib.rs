@@ -24,8 +24,8 @@
 //!   operators may ask of a shard and what it reports).
 //! - [`net`]: sockets and kernel steering, [`net::cid`] (connection IDs that name their
 //!   shard), [`net::tls`] (certificates and QUIC configuration).
-//! - [`fleet`]: the hook a fleet manager plugs into, and [`fleet::agones`], the Agones
-//!   plug-in, used when `AGONES_SDK_HTTP_PORT` is set.
+//! - [`fleet`]: the hook a fleet manager plugs into, and `fleet::agones` (feature `agones`), the Agones
+//!   plug-in, used when `AGONES_SDK_GRPC_PORT` is set.
 //! - [`ops`]: settings, the admin HTTP thread, the supervisor's drain state machine, the
 //!   watchdog, `tickshard ctl`.
 //! - [`runtime`]: the thin glommio layer that runs shards on cores, and the supervisor thread

@@ -181,16 +181,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .context("starting the signal thread")?;
     // On Agones (the SDK sidecar's port is set) the fleet hook reports to it; otherwise
     // nothing changes.
-    let fleet: Box<dyn fleet::Fleet> = match tickshard::fleet::agones::AgonesConfig::from_env() {
-        Ok(Some(c)) => {
-            tracing::info!(sdk = %c.sdk_addr, "Agones SDK found");
-            Box::new(tickshard::fleet::agones::AgonesFleet::new(
-                tickshard::fleet::agones::Agones::start(c, env!("CARGO_PKG_VERSION")),
-            ))
-        }
-        Ok(None) => Box::new(fleet::NoFleet),
-        Err(e) => anyhow::bail!("invalid setting: {e}"),
-    };
+    let fleet = fleet::from_env(env!("CARGO_PKG_VERSION")).map_err(anyhow::Error::msg)?;
     runtime::serve_with_fleet(config, fleet, |s| {
         tracing::info!(
             addrs = ?s.addrs,

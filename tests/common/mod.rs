@@ -43,6 +43,11 @@ fn build(name: &str, release: bool) -> PathBuf {
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--bin", name])
             .current_dir(env!("CARGO_MANIFEST_DIR"));
+        // The server as these tests were built to test it: with its Agones plug-in when they
+        // were (`--features agones`), so tests/fleet.rs talks to a server that has it.
+        if cfg!(feature = "agones") && name == "tickshard" {
+            cmd.args(["--features", "tickshard/agones"]);
+        }
         if release {
             cmd.arg("--release");
         }
