@@ -2,6 +2,7 @@
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256};
@@ -40,7 +41,7 @@ impl Trust {
         let name = path.display().to_string();
         let bytes = std::fs::read(path).map_err(|e| TrustError::Io(name.clone(), e))?;
         let certs: Vec<CertificateDer<'static>> = if bytes.starts_with(b"-----") {
-            rustls_pemfile::certs(&mut &bytes[..])
+            CertificateDer::pem_slice_iter(&bytes)
                 .filter_map(Result::ok)
                 .collect()
         } else {

@@ -8,6 +8,7 @@
 
 use quinn_proto::crypto::rustls::QuicServerConfig;
 use quinn_proto::{AckFrequencyConfig, ServerConfig, TransportConfig, VarInt};
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -39,6 +40,14 @@ pub enum TlsError {
     /// A PEM file held no certificate or no key.
     #[error("{0}: no usable certificate or private key found")]
     Empty(PathBuf),
+    /// A PEM file is not well-formed.
+    #[error("{path}: {source}")]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: rustls::pki_types::pem::Error,
+    },
     /// Generating the development certificate failed.
     #[error("generating the development certificate: {0}")]
     Generate(String),
@@ -58,16 +67,21 @@ impl Identity {
     /// Loads a PEM certificate chain and PEM private key.
     pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
         let cert_pem = std::fs::read(cert).map_err(io(cert))?;
-        let chain: Vec<_> = rustls_pemfile::certs(&mut &cert_pem[..])
+        let pem = |path: &Path| {
+            let path = path.to_owned();
+            move |source| TlsError::Pem { path, source }
+        };
+        let chain: Vec<_> = CertificateDer::pem_slice_iter(&cert_pem)
             .collect::<Result<_, _>>()
-            .map_err(io(cert))?;
+            .map_err(pem(cert))?;
         if chain.is_empty() {
             return Err(TlsError::Empty(cert.to_owned()));
         }
         let key_pem = std::fs::read(key).map_err(io(key))?;
-        let key_der = rustls_pemfile::private_key(&mut &key_pem[..])
-            .map_err(io(key))?
-            .ok_or_else(|| TlsError::Empty(key.to_owned()))?;
+        let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
+            rustls::pki_types::pem::Error::NoItemsFound => TlsError::Empty(key.to_owned()),
+            e => pem(key)(e),
+        })?;
         Ok(Identity {
             chain,
             key: key_der,
