@@ -617,3 +617,133 @@ fn print_config_and_bad_config_name_the_setting() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// On the real server, a room whose game panics ends alone: its player gets `Left`
+/// (RoomCrashed) and plays on elsewhere, a player in another room of the same shard keeps
+/// its snapshots, `/healthz` stays 200, `/metrics` counts the crash and the results file
+/// records it.
+#[test]
+fn a_panicking_game_ends_only_its_room_on_the_real_server() {
+    use tickshard::game::faulty::FAULT_BUTTON;
+    let server = Server::start(
+        "ops-crash",
+        &["--shards", "1", "--modes", "arena,faulty-arena"],
+    );
+    let config = ClientConfig::new(Trust::Roots(vec![server.cert_der().into()]), "localhost");
+    let mut bots: Vec<(UdpClient, Vec<ClientEvent>)> = (0..2)
+        .map(|_| {
+            (
+                UdpClient::connect(server.addr, &config, None).unwrap(),
+                Vec::new(),
+            )
+        })
+        .collect();
+    let pump = |bots: &mut Vec<(UdpClient, Vec<ClientEvent>)>, fault: bool| {
+        for (i, (udp, events)) in bots.iter_mut().enumerate() {
+            let _ = udp.poll_io();
+            while let Some(e) = udp.client.poll_event() {
+                events.push(e);
+            }
+            if udp.client.entity_id().is_some() {
+                let buttons = if fault && i == 0 { FAULT_BUTTON } else { 0 };
+                udp.client.send_input(Instant::now(), 20, 0, buttons, 0);
+            }
+            let _ = udp.flush();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let end = Instant::now() + Duration::from_secs(5);
+    while bots.iter().any(|(u, _)| u.client.player_id() == 0) {
+        assert!(Instant::now() < end, "not welcomed");
+        pump(&mut bots, false);
+    }
+    bots[0].0.client.join(None, "faulty-arena");
+    bots[1].0.client.join(None, "arena");
+    let room = |u: &UdpClient| match u.client.state() {
+        SessionState::InRoom { room_id, .. } => Some(*room_id),
+        _ => None,
+    };
+    let end = Instant::now() + Duration::from_secs(5);
+    while bots.iter().any(|(u, _)| room(u).is_none()) {
+        assert!(Instant::now() < end, "not seated");
+        pump(&mut bots, false);
+    }
+    let (faulty, arena) = (room(&bots[0].0).unwrap(), room(&bots[1].0).unwrap());
+    let crashed = |events: &[ClientEvent]| {
+        events.iter().any(|e| {
+            matches!(e, ClientEvent::Left { room_id, reason: LeaveReason::RoomCrashed } if *room_id == faulty)
+        })
+    };
+    let end = Instant::now() + Duration::from_secs(5);
+    while !crashed(&bots[0].1) {
+        assert!(Instant::now() < end, "no RoomCrashed: {:?}", bots[0].1);
+        pump(&mut bots, true);
+    }
+    let before = bots[1].0.client.stats().snapshots;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(1) {
+        pump(&mut bots, false);
+    }
+    let got = bots[1].0.client.stats().snapshots - before;
+    assert!(
+        got >= 20,
+        "the other room ticks on: {got} snapshots in 1 s at 30 Hz"
+    );
+    assert_eq!(room(&bots[1].0), Some(arena));
+    assert!(bots[0]
+        .1
+        .iter()
+        .all(|e| !matches!(e, ClientEvent::Closed(_))));
+
+    let (status, body) = get(&server, "/healthz", None);
+    assert_eq!(status, 200, "{body}");
+    let (_, metrics) = get(&server, "/metrics", None);
+    assert!(
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("tickshard_rooms_crashed_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .eq([1.0]),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("crashed"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // The crashed room's player plays on in a new room.
+    bots[0].0.client.join(None, "arena");
+    let end = Instant::now() + Duration::from_secs(5);
+    while room(&bots[0].0).is_none() {
+        assert!(Instant::now() < end, "not seated again");
+        pump(&mut bots, false);
+    }
+    let dir = server.data_dir.join("results");
+    let end = Instant::now() + Duration::from_secs(5);
+    let line = loop {
+        let text: String = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|f| std::fs::read_to_string(f.path()).ok())
+            .collect();
+        if let Some(line) = text.lines().find(|l| l.contains("crashed")) {
+            break line.to_owned();
+        }
+        assert!(
+            Instant::now() < end,
+            "no crashed result in {}",
+            dir.display()
+        );
+        pump(&mut bots, false);
+    };
+    let r: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(r["room"].as_u64(), Some(faulty));
+    assert!(
+        r["end"]
+            .as_str()
+            .unwrap()
+            .starts_with("crashed: step: faulty-arena"),
+        "{r}"
+    );
+}

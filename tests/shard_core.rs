@@ -1259,3 +1259,63 @@ fn a_player_whose_address_changes_keeps_playing() {
         assert!(net.closed(i).is_none());
     }
 }
+
+/// Game code that panics ends only its own room: its player is told (`Left`, RoomCrashed)
+/// and stays connected, able to play on; the other room of the same shard ticks on; the
+/// result is recorded as crashed and counted.
+#[test]
+fn a_panicking_game_ends_only_its_room() {
+    use tickshard::game::faulty::FAULT_BUTTON;
+    let mut net = Net::new(NetConfig::default());
+    let (a, b) = (net.add_client(), net.add_client());
+    net.connect_all(Duration::from_secs(2));
+    net.clients[a].client.join(None, "faulty-arena");
+    net.clients[b].client.join(None, "arena");
+    net.run_for(Duration::from_millis(300));
+    let (faulty, arena) = (room_of(&net, a).unwrap(), room_of(&net, b).unwrap());
+    assert_ne!(faulty, arena);
+    assert_eq!(net.shards[0].rooms().len(), 2);
+
+    // A few ordinary ticks, then the fault button.
+    net.play(10, |_, _| Some((10, 0, 0, 0)));
+    let before = net.snapshots(b);
+    net.play(30, |i, t| {
+        let buttons = if i == a && t == 5 { FAULT_BUTTON } else { 0 };
+        Some((10, 0, buttons, 0))
+    });
+    assert!(
+        net.events(a).iter().any(|e| matches!(
+            e,
+            ClientEvent::Left { room_id, reason: tickshard_schema::LeaveReason::RoomCrashed }
+                if *room_id == faulty
+        )),
+        "{:?}",
+        net.events(a)
+    );
+    assert_eq!(room_of(&net, a), None);
+    assert!(net.closed(a).is_none(), "the connection stays open");
+    let got = net.snapshots(b) - before;
+    assert!(got >= 28, "the other room ticked on: {got} of 30 snapshots");
+    assert_eq!(room_of(&net, b), Some(arena));
+
+    let r = results(&mut net);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].room.0, faulty);
+    assert!(
+        matches!(&r[0].end, RoomEnd::Crashed(why) if why.starts_with("step: faulty-arena")),
+        "{:?}",
+        r[0].end
+    );
+    assert_eq!(
+        r[0].standings.len(),
+        1,
+        "the final result is still recorded"
+    );
+    assert_eq!(net.shards[0].counters().rooms_crashed, 1);
+    assert_eq!(net.shards[0].rooms().len(), 1);
+
+    // The shard is whole: the same player plays on in a new room.
+    net.clients[a].client.join(None, "arena");
+    net.run_for(Duration::from_millis(300));
+    assert_eq!(room_of(&net, a), Some(arena));
+}

@@ -43,12 +43,42 @@ pub use game::{Game, ModeSpec};
 pub use ids::{ConnKey, EntityId, PlayerId, RoomId, ShardId, Tick};
 pub use shard::{ShardConfig, ShardCore};
 
+/// The modes an operator can offer (`--modes`), with their games.
+pub const KNOWN_MODES: &[(&str, game::GameFactory)] = &[
+    ("arena", game::arena::create),
+    // The arena with a panic on demand (game::faulty): for failure-isolation tests.
+    ("faulty-arena", game::faulty::create),
+];
+
 /// The built-in modes: `arena` with the given room capacity and tick rate.
 pub fn builtin_modes(capacity: u16, tick_rate: u16) -> Vec<ModeSpec> {
-    vec![ModeSpec {
-        name: "arena".into(),
-        capacity,
-        tick_rate,
-        factory: game::arena::create,
-    }]
+    modes(&["arena"], capacity, tick_rate).unwrap_or_default()
+}
+
+/// The modes named (from [`KNOWN_MODES`]), each with the given room capacity and tick rate;
+/// an error names the first unknown one.
+pub fn modes<S: AsRef<str>>(
+    names: &[S],
+    capacity: u16,
+    tick_rate: u16,
+) -> Result<Vec<ModeSpec>, String> {
+    names
+        .iter()
+        .map(|name| {
+            let name = name.as_ref();
+            let (_, factory) = KNOWN_MODES
+                .iter()
+                .find(|(known, _)| *known == name)
+                .ok_or_else(|| {
+                    let known: Vec<&str> = KNOWN_MODES.iter().map(|(n, _)| *n).collect();
+                    format!("unknown mode `{name}` (known: {})", known.join(", "))
+                })?;
+            Ok(ModeSpec {
+                name: name.to_owned(),
+                capacity,
+                tick_rate,
+                factory: *factory,
+            })
+        })
+        .collect()
 }

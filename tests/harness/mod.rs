@@ -223,7 +223,13 @@ impl Net {
                     ShardConfig {
                         shard: ShardId(i),
                         shards: config.shards,
-                        modes: builtin_modes(config.capacity, config.tick_rate),
+                        // The arena, and its faulty twin for failure-isolation tests.
+                        modes: tickshard::modes(
+                            &["arena", "faulty-arena"],
+                            config.capacity,
+                            config.tick_rate,
+                        )
+                        .unwrap_or_else(|_| builtin_modes(config.capacity, config.tick_rate)),
                         server_config: server_config.clone(),
                         max_connections: config.max_connections,
                         hello_timeout: config.hello_timeout,

@@ -17,17 +17,18 @@ pub mod tickshard {
             since = "2.0.0",
             note = "Use associated constants instead. This will no longer be generated in 2021."
         )]
-        pub const ENUM_MAX_LEAVE_REASON: u8 = 3;
+        pub const ENUM_MAX_LEAVE_REASON: u8 = 4;
         #[deprecated(
             since = "2.0.0",
             note = "Use associated constants instead. This will no longer be generated in 2021."
         )]
         #[allow(non_camel_case_types)]
-        pub const ENUM_VALUES_LEAVE_REASON: [LeaveReason; 4] = [
+        pub const ENUM_VALUES_LEAVE_REASON: [LeaveReason; 5] = [
             LeaveReason::Requested,
             LeaveReason::RoomClosed,
             LeaveReason::Kicked,
             LeaveReason::Draining,
+            LeaveReason::RoomCrashed,
         ];
 
         /// Why a seat ended.
@@ -40,14 +41,16 @@ pub mod tickshard {
             pub const RoomClosed: Self = Self(1);
             pub const Kicked: Self = Self(2);
             pub const Draining: Self = Self(3);
+            pub const RoomCrashed: Self = Self(4);
 
             pub const ENUM_MIN: u8 = 0;
-            pub const ENUM_MAX: u8 = 3;
+            pub const ENUM_MAX: u8 = 4;
             pub const ENUM_VALUES: &'static [Self] = &[
                 Self::Requested,
                 Self::RoomClosed,
                 Self::Kicked,
                 Self::Draining,
+                Self::RoomCrashed,
             ];
             /// Returns the variant's name or "" if unknown.
             pub fn variant_name(self) -> Option<&'static str> {
@@ -56,6 +59,7 @@ pub mod tickshard {
                     Self::RoomClosed => Some("RoomClosed"),
                     Self::Kicked => Some("Kicked"),
                     Self::Draining => Some("Draining"),
+                    Self::RoomCrashed => Some("RoomCrashed"),
                     _ => None,
                 }
             }

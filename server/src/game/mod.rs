@@ -13,6 +13,7 @@
 //! implements every method, keeps its state in flat vectors, and quantises what it shows.
 
 pub mod arena;
+pub mod faulty;
 
 use crate::ids::{EntityId, PlayerId, Tick};
 use tickshard_schema::EntityState;

@@ -130,6 +130,11 @@ pub struct ServeConfig {
     /// Log format: `text` or `json` [default: text]. Filter with RUST_LOG.
     #[arg(long)]
     pub log_format: LogFormat,
+    /// Game modes offered, comma-separated [default: arena]. `faulty-arena` panics on demand
+    /// (button bit 7), for failure-isolation tests only.
+    #[arg(long)]
+    #[serde(deserialize_with = "text")]
+    pub modes: String,
 }
 
 impl Default for ServeConfig {
@@ -157,6 +162,7 @@ impl Default for ServeConfig {
             admin_token_file: None,
             drain_grace: Duration::from_secs(30),
             reconnect_hint: String::new(),
+            modes: "arena".into(),
             log_format: LogFormat::Text,
         }
     }
@@ -184,6 +190,15 @@ pub enum ConfigError {
 const MAX_DURATION: Duration = Duration::from_secs(86_400);
 
 impl ServeConfig {
+    /// The names in [`ServeConfig::modes`], trimmed, empty ones left out.
+    pub fn mode_names(&self) -> Vec<&str> {
+        self.modes
+            .split(',')
+            .map(str::trim)
+            .filter(|name| !name.is_empty())
+            .collect()
+    }
+
     /// Checks ranges; returns the first bad setting.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |setting: &str, reason: &str| {
@@ -230,6 +245,12 @@ impl ServeConfig {
             if d > MAX_DURATION {
                 return bad(setting, "at most one day (86400 s)");
             }
+        }
+        if self.mode_names().is_empty() {
+            return bad("--modes", "name at least one mode");
+        }
+        if let Err(e) = crate::modes(&self.mode_names(), self.room_capacity, self.tick_rate) {
+            return bad("--modes", &e);
         }
         if self.reconnect_hint.len() > tickshard_schema::MAX_SHORT_STRING {
             return bad("--reconnect-hint", "at most 256 bytes");
@@ -707,6 +728,7 @@ mod tests {
                 "drain_grace" => "45",
                 "reconnect_hint" => "eu-2.example:4433",
                 "log_format" => "json",
+                "modes" => "arena,faulty-arena",
                 other => panic!("no sample for setting `{other}`"),
             }
         };

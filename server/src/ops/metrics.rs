@@ -206,7 +206,7 @@ impl Collector for Reports {
             1.0,
         )?;
         type Get = fn(&ShardReport) -> f64;
-        let simple: [(&str, MetricType, &str, Get); 9] = [
+        let simple: [(&str, MetricType, &str, Get); 10] = [
             (
                 "tickshard_tick_overruns",
                 Counter,
@@ -248,6 +248,12 @@ impl Collector for Reports {
                 Counter,
                 "CPU time of the shard thread.",
                 |r| r.cpu_seconds,
+            ),
+            (
+                "tickshard_rooms_crashed",
+                Counter,
+                "Rooms ended because their game panicked (the shard and its other rooms go on).",
+                |r| r.counters.rooms_crashed as f64,
             ),
             (
                 "tickshard_udp_send_calls",

@@ -213,7 +213,9 @@ pub fn serve_with_fleet(
         let shard_config = ShardConfig {
             shard: ShardId(i as u16),
             shards: shards as u16,
-            modes: builtin_modes(config.room_capacity, config.tick_rate),
+            // Checked by ServeConfig::validate; the arena if that was skipped.
+            modes: crate::modes(&config.mode_names(), config.room_capacity, config.tick_rate)
+                .unwrap_or_else(|_| builtin_modes(config.room_capacity, config.tick_rate)),
             server_config: server_config.clone(),
             max_connections: config.max_connections,
             hello_timeout: config.hello_timeout,

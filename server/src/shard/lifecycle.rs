@@ -15,7 +15,7 @@ use crate::shard::session::{Phase, Seat};
 use rand::RngCore;
 use std::time::{Duration, Instant};
 use tickshard_schema::{codes, ControlMsg, LeaveReason};
-use tracing::info;
+use tracing::{error, info};
 
 impl ShardCore {
     /// Carries out an operator's command (see [`Command`]).
@@ -86,10 +86,20 @@ impl ShardCore {
 
     /// Removes `room` and records its final result.
     pub(super) fn remove_room(&mut self, room: RoomId, now: Instant, end: RoomEnd) {
-        let Some(room) = self.rooms.remove(room) else {
+        let Some(mut room) = self.rooms.remove(room) else {
             return;
         };
         let standings: Vec<Standing> = room.final_result();
+        if let RoomEnd::Crashed(why) = &end {
+            self.counters.rooms_crashed += 1;
+            error!(
+                shard = self.config.shard.0,
+                room = %room.id(),
+                mode = room.mode().name,
+                why = why.as_str(),
+                "the room's game panicked: the room ends, the shard goes on"
+            );
+        }
         info!(
             shard = self.config.shard.0,
             room = %room.id(),
@@ -145,6 +155,21 @@ impl ShardCore {
             self.send_to_player(route, player, &left, now);
         }
         self.remove_room(room, now, end);
+    }
+
+    /// Ends every room whose game panicked (in a tick, a join or a leave): its players get
+    /// `Left` with reason RoomCrashed, its result is recorded as crashed. A crashed room never
+    /// ticks again, so its deadline stays due and this runs at the next tick pass.
+    pub(super) fn end_crashed_rooms(&mut self, now: Instant) {
+        let crashed: Vec<(RoomId, String)> = (0..self.rooms.len())
+            .filter_map(|i| {
+                let room = self.rooms.at_mut(i);
+                room.crashed().map(|why| (room.id(), why.to_owned()))
+            })
+            .collect();
+        for (room, why) in crashed {
+            self.end_room(room, now, LeaveReason::RoomCrashed, RoomEnd::Crashed(why));
+        }
     }
 
     // ---- housekeeping and the drain ----

@@ -403,6 +403,7 @@ impl ShardCore {
             }
             self.scratch = outputs;
         }
+        self.end_crashed_rooms(now);
         if self.housekeeping_due.is_none_or(|t| t <= now) {
             self.housekeeping_due = Some(now + HOUSEKEEPING_INTERVAL);
             self.expire_deadlines(now);

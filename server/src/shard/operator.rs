@@ -109,6 +109,8 @@ pub enum RoomEnd {
     Closed(String),
     /// The drain deadline, a second signal or the process stopping cut it short.
     Shutdown,
+    /// Its game panicked: the call and the panic's message.
+    Crashed(String),
 }
 
 impl fmt::Display for RoomEnd {
@@ -117,6 +119,7 @@ impl fmt::Display for RoomEnd {
             RoomEnd::Empty => f.write_str("empty"),
             RoomEnd::Closed(r) => write!(f, "closed: {r}"),
             RoomEnd::Shutdown => f.write_str("shutdown"),
+            RoomEnd::Crashed(why) => write!(f, "crashed: {why}"),
         }
     }
 }

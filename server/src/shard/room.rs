@@ -27,12 +27,22 @@
 //! commands recovered from redundancy after a loss still apply promptly, while a client that
 //! sends more than one command per tick only fills its own queue, whose excess is dropped and
 //! counted. The game therefore never sees more than the tick rate's worth of movement.
+//!
+//! # Game code that panics
+//! Every call into the game (`join`, `leave`, `apply_input`, `step`, `view`, the results)
+//! runs under `catch_unwind`. A panic marks the room crashed ([`Room::crashed`], with the
+//! panic's message): it neither ticks nor seats anyone again, and the shard ends it at its next
+//! tick pass (its players get `Left` with reason RoomCrashed, its result is recorded as
+//! crashed). The other rooms of the shard never notice. `catch_unwind` costs nothing until a
+//! panic unwinds; the game's state after a panic is never looked at again, except for one
+//! guarded attempt at its final result.
 
 use crate::game::{Game, GameEvent, GameSetup, ModeSpec, PlayerInput, PlayerResult, ViewEntity};
 use crate::ids::{ConnKey, EntityId, PlayerId, RoomId, ShardId, Tick};
 use crate::shard::snapshot::{Scratch, ViewerHistory};
 use crate::shard::stats::{record, Counters, Phase, TickStats};
 use std::collections::{HashMap, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 use tickshard_schema::InputDatagram;
@@ -85,6 +95,40 @@ pub enum JoinError {
     /// The player already holds a seat here.
     #[error("already in this room")]
     AlreadyIn,
+    /// The game panicked (now or before): the room is ending.
+    #[error("the room's game crashed")]
+    Crashed,
+}
+
+/// Runs `f` on `game` unless `crashed` says it crashed before; a panic is recorded in
+/// `crashed` (the call and the message) and gives `None`.
+fn guard<T>(
+    crashed: &mut Option<String>,
+    game: &mut dyn Game,
+    call: &str,
+    f: impl FnOnce(&mut dyn Game) -> T,
+) -> Option<T> {
+    if crashed.is_some() {
+        return None;
+    }
+    match catch_unwind(AssertUnwindSafe(|| f(game))) {
+        Ok(value) => Some(value),
+        Err(payload) => {
+            *crashed = Some(format!("{call}: {}", panic_message(&*payload)));
+            None
+        }
+    }
+}
+
+/// The text of a panic's payload (`panic!` with a literal or a formatted message).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        (*text).to_owned()
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "a panic without a message".to_owned()
+    }
 }
 
 struct Seat {
@@ -116,6 +160,8 @@ pub struct Room {
     /// Working buffers of snapshot builds (and the datagram writer), shared by the seats.
     scratch: Scratch,
     max_datagram: usize,
+    /// The game panicked: which call, and its message.
+    crashed: Option<String>,
 }
 
 impl Room {
@@ -149,7 +195,19 @@ impl Room {
             scratch: Scratch::default(),
             max_datagram,
             mode,
+            crashed: None,
         }
+    }
+
+    /// Why the room's game crashed (the call that panicked and its message), if it did.
+    pub fn crashed(&self) -> Option<&str> {
+        self.crashed.as_deref()
+    }
+
+    /// Runs `f` on the game unless it crashed before; a panic marks the room crashed and
+    /// gives `None`.
+    fn guarded<T>(&mut self, call: &str, f: impl FnOnce(&mut dyn Game) -> T) -> Option<T> {
+        guard(&mut self.crashed, &mut *self.game, call, f)
     }
 
     /// The room's id.
@@ -200,13 +258,15 @@ impl Room {
     pub fn members(&self) -> impl Iterator<Item = (PlayerId, Route)> + '_ {
         self.seats.iter().map(|s| (s.player, s.route))
     }
-    /// The game's current standings.
-    pub fn results(&self) -> Vec<PlayerResult> {
-        self.game.results()
+    /// The game's current standings (none once it crashed).
+    pub fn results(&mut self) -> Vec<PlayerResult> {
+        self.guarded("results", |g| g.results()).unwrap_or_default()
     }
-    /// The game's final result (see [`Game::final_result`]).
-    pub fn final_result(&self) -> Vec<crate::game::Standing> {
-        self.game.final_result()
+    /// The game's final result (see [`Game::final_result`]). For a crashed game, one guarded
+    /// attempt: what it can still tell, or nothing.
+    pub fn final_result(&mut self) -> Vec<crate::game::Standing> {
+        let game = &*self.game;
+        catch_unwind(AssertUnwindSafe(|| game.final_result())).unwrap_or_default()
     }
     /// Bytes held by the seats' snapshot histories.
     pub fn history_bytes(&self) -> usize {
@@ -225,7 +285,10 @@ impl Room {
         if self.free_seats() == 0 {
             return Err(JoinError::Full);
         }
-        let entity = self.game.join(player).map_err(|_| JoinError::Full)?;
+        let entity = self
+            .guarded("join", |g| g.join(player))
+            .ok_or(JoinError::Crashed)?
+            .map_err(|_| JoinError::Full)?;
         self.index.insert(player, self.seats.len());
         self.seats.push(Seat {
             player,
@@ -246,7 +309,7 @@ impl Room {
         let Some(i) = self.index.remove(&player) else {
             return false;
         };
-        self.game.leave(player);
+        self.guarded("leave", |g| g.leave(player));
         self.seats.swap_remove(i);
         if let Some(moved) = self.seats.get(i) {
             self.index.insert(moved.player, i);
@@ -307,7 +370,7 @@ impl Room {
         out: &mut dyn FnMut(RoomOutput<'_>),
     ) -> bool {
         let due = self.next_due();
-        if now < due {
+        if now < due || self.crashed.is_some() {
             return false;
         }
         let late = now - due;
@@ -330,32 +393,49 @@ impl Room {
         let t1 = clock();
         record(&mut stats.phase_us[Phase::Ingest as usize], t1 - t0);
 
-        // (2) apply
-        for seat in &mut self.seats {
-            while seat.budget > 0 {
-                let Some(input) = seat.queue.pop_front() else {
-                    break;
-                };
-                seat.budget -= 1;
-                seat.last_applied = input.seq;
-                self.game.apply_input(seat.player, &input);
-                counters.inputs_applied += 1;
+        // (2) apply, the whole phase under one guard
+        let seats = &mut self.seats;
+        let applied = guard(&mut self.crashed, &mut *self.game, "apply_input", |game| {
+            let mut applied = 0u64;
+            for seat in seats.iter_mut() {
+                while seat.budget > 0 {
+                    let Some(input) = seat.queue.pop_front() else {
+                        break;
+                    };
+                    seat.budget -= 1;
+                    seat.last_applied = input.seq;
+                    game.apply_input(seat.player, &input);
+                    applied += 1;
+                }
             }
-        }
+            applied
+        });
+        counters.inputs_applied += applied.unwrap_or(0);
         let t2 = clock();
         record(&mut stats.phase_us[Phase::Apply as usize], t2 - t1);
 
         // (3) simulate
         self.events.clear();
-        self.game.step(self.tick, &mut self.events);
+        let (tick, events) = (self.tick, &mut self.events);
+        guard(&mut self.crashed, &mut *self.game, "step", |game| {
+            game.step(tick, events)
+        });
         let t3 = clock();
         record(&mut stats.phase_us[Phase::Simulate as usize], t3 - t2);
+        if self.crashed.is_some() {
+            // Nothing of this tick goes out: the shard ends the room.
+            return true;
+        }
 
         // (4) snapshot, and (5) flush each one as it is built: the scratch's writer buffer is reused.
         let mut flush = Duration::ZERO;
         for seat in &mut self.seats {
             self.view.clear();
-            self.game.view(seat.player, &mut self.view);
+            let (game, view) = (&*self.game, &mut self.view);
+            if let Err(payload) = catch_unwind(AssertUnwindSafe(|| game.view(seat.player, view))) {
+                self.crashed = Some(format!("view: {}", panic_message(&*payload)));
+                return true;
+            }
             let (bytes, built) = seat.history.build(
                 self.tick.0,
                 seat.ack,
@@ -517,5 +597,91 @@ mod tests {
         let before = counters.inputs_applied;
         assert_eq!(tick(&mut r, &mut counters) - before, INPUT_BURST as u64);
         assert_eq!(r.last_applied(p), Some(28));
+    }
+
+    /// A game whose calls panic on demand.
+    struct Faulty {
+        panic_in: &'static str,
+    }
+
+    impl Game for Faulty {
+        fn join(&mut self, player: PlayerId) -> Result<EntityId, crate::game::JoinRefused> {
+            assert!(self.panic_in != "join", "join fails");
+            Ok(EntityId(player.0 as u32))
+        }
+        fn leave(&mut self, _: PlayerId) {
+            assert!(self.panic_in != "leave", "leave fails");
+        }
+        fn apply_input(&mut self, _: PlayerId, _: &PlayerInput) {
+            assert!(self.panic_in != "apply_input", "apply_input fails");
+        }
+        fn step(&mut self, _: Tick, _: &mut Vec<GameEvent>) {
+            assert!(self.panic_in != "step", "step fails");
+        }
+        fn view(&self, _: PlayerId, _: &mut Vec<ViewEntity>) {
+            assert!(self.panic_in != "view", "view fails");
+        }
+        fn results(&self) -> Vec<PlayerResult> {
+            assert!(self.panic_in != "results", "results fails");
+            Vec::new()
+        }
+        fn final_result(&self) -> Vec<crate::game::Standing> {
+            panic!("final_result fails too");
+        }
+    }
+
+    /// A panic in any game call marks the room crashed with the call's name and message; the
+    /// room then neither ticks, sends, nor seats anyone, and its final result is empty
+    /// rather than a second panic.
+    #[test]
+    fn a_panic_in_any_game_call_marks_the_room_crashed() {
+        for call in ["join", "leave", "apply_input", "step", "view", "results"] {
+            let start = Instant::now();
+            let mut r = room(start);
+            r.game = Box::new(Faulty { panic_in: "" });
+            let (p, q) = (PlayerId(1), PlayerId(2));
+            r.join(p, Route::Remote(ShardId(1))).unwrap();
+            r.join(q, Route::Remote(ShardId(1))).unwrap();
+            r.game = Box::new(Faulty { panic_in: call });
+            let mut counters = Counters::default();
+            let mut input = InputDatagram {
+                len: 1,
+                seq: 1,
+                ..Default::default()
+            };
+            input.cmds[0] = tickshard_schema::InputCmd::new(1, 1, 0, 0, 0, 0);
+            r.handle_input(p, &input, &mut counters);
+            let mut stats = TickStats::default();
+            let mut sent = 0;
+            let mut now = start;
+            match call {
+                "join" => assert_eq!(
+                    r.join(PlayerId(3), Route::Remote(ShardId(1))),
+                    Err(JoinError::Crashed)
+                ),
+                "leave" => assert!(r.leave(q, now)),
+                "results" => assert!(r.results().is_empty()),
+                _ => {
+                    now += r.period();
+                    assert!(r.tick(now, &|| now, &mut stats, &mut counters, &mut |_| sent += 1));
+                }
+            }
+            let why = r
+                .crashed()
+                .unwrap_or_else(|| panic!("{call}: not marked crashed"));
+            assert!(
+                why.starts_with(call) && why.ends_with("fails"),
+                "{call}: {why}"
+            );
+            assert_eq!(sent, 0, "{call}: nothing of the crashed tick goes out");
+            now += r.period() * 2;
+            assert!(!r.tick(now, &|| now, &mut stats, &mut counters, &mut |_| sent += 1));
+            assert_eq!(sent, 0);
+            assert_eq!(
+                r.join(PlayerId(4), Route::Remote(ShardId(1))),
+                Err(JoinError::Crashed)
+            );
+            assert!(r.final_result().is_empty());
+        }
     }
 }

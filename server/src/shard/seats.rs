@@ -217,6 +217,8 @@ impl ShardCore {
         let entity = r.join(player, route).map_err(|e| match e {
             JoinError::Full => codes::ROOM_FULL,
             JoinError::AlreadyIn => codes::ALREADY_IN_ROOM,
+            // The room is ending (its game panicked): as good as gone.
+            JoinError::Crashed => codes::ROOM_NOT_FOUND,
         })?;
         self.directory.mark_changed();
         Ok(ControlMsg::Joined {

@@ -127,6 +127,8 @@ pub struct Counters {
     pub rooms_created: u64,
     /// Rooms closed.
     pub rooms_closed: u64,
+    /// Rooms ended because their game panicked.
+    pub rooms_crashed: u64,
 }
 
 /// QUIC packet figures of a shard (its datagram counts are in [`Counters`]): quinn's per-connection statistics summed over its live
