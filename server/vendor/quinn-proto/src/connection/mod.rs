@@ -69,11 +69,11 @@ mod send_buffer;
 
 mod sent_packets;
 
+use assembler::Assembler;
 mod spaces;
 #[cfg(fuzzing)]
 pub use spaces::Retransmits;
 #[cfg(not(fuzzing))]
-use assembler::Assembler;
 use spaces::Retransmits;
 use spaces::{
     PacketNumberFilter, PacketSpace, SendableFrames, SentPacket, Spaces, ThinRetransmits,
