@@ -14,6 +14,7 @@ db=${1:?usage: .ci/advisory-db.sh PATH-TO-ADVISORY-DB-CLONE}
 out=.ci/advisory-db
 rm -rf "$out/crates"
 mkdir -p "$out/crates"
+# Every package, the vendored glommio and quinn-proto included (deny.toml says why).
 names=$(sed -n 's/^name = "\(.*\)"$/\1/p' Cargo.lock | LC_ALL=C sort -u)
 printf '%s\n' $names > "$out/crates.txt"
 for name in $names; do
