@@ -92,8 +92,14 @@ check(not any(p["containerPort"] == admin_port for p in gs["ports"]),
       "admin port is published through Agones (host port)")
 admin = next(p for p in ts["ports"] if p["name"] == "admin")
 check(admin["containerPort"] == admin_port and "hostPort" not in admin, "admin container port")
+probe_port = port_of(env["TICKSHARD_PROBE"])
+check(not any(p["containerPort"] == probe_port for p in gs["ports"]),
+      "probe port is published through Agones (host port)")
+probe_decl = next(p for p in ts["ports"] if p["name"] == "probe")
+check(probe_decl["containerPort"] == probe_port and "hostPort" not in probe_decl,
+      "probe container port")
 for probe in ("livenessProbe", "readinessProbe"):
-    check(ts[probe]["httpGet"]["port"] == "admin", f"{probe} not on the admin port")
+    check(ts[probe]["httpGet"]["port"] == "probe", f"{probe} not on the probe port")
 check(pod["terminationGracePeriodSeconds"] > int(env["TICKSHARD_DRAIN_GRACE"]),
       "terminationGracePeriodSeconds <= TICKSHARD_DRAIN_GRACE")
 seats = shards * int(env["TICKSHARD_MAX_CONNECTIONS"])

@@ -193,12 +193,13 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         );
         // One machine-readable line for scripts and tests.
         println!(
-            "tickshard listening on {} shards={} steering={:?} admin={} sha256={}",
+            "tickshard listening on {} shards={} steering={:?} admin={} probe={} sha256={}",
             s.addrs[0],
             s.addrs.len(),
             s.steering,
             s.admin.map_or("off".into(), |a| a.to_string()),
-            s.fingerprint
+            s.probe.map_or("off".into(), |a| a.to_string()),
+            s.fingerprint,
         );
     })
     .context("tickshard failed to start")?;

@@ -67,6 +67,8 @@ pub struct Server {
     pub fingerprint: String,
     /// The admin HTTP address (tests bind it on a free loopback port), if enabled.
     pub admin: Option<SocketAddr>,
+    /// The probe-only HTTP address, if enabled (`--probe`).
+    pub probe: Option<SocketAddr>,
 }
 
 impl Drop for Server {
@@ -158,7 +160,7 @@ impl Server {
         BufReader::new(stdout)
             .read_line(&mut line)
             .expect("read tickshard stdout");
-        // "tickshard listening on ADDR shards=N steering=S sha256=HEX"
+        // "tickshard listening on ADDR shards=N steering=S admin=A probe=P sha256=HEX"
         let mut words = line.split_whitespace();
         let addr = words
             .nth(3)
@@ -170,12 +172,17 @@ impl Server {
             .split_whitespace()
             .find_map(|w| w.strip_prefix("admin="))
             .and_then(|a| a.parse().ok());
+        let probe = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("probe="))
+            .and_then(|a| a.parse().ok());
         Server {
             child,
             addr,
             data_dir,
             fingerprint,
             admin,
+            probe,
         }
     }
 

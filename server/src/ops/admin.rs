@@ -16,7 +16,10 @@
 //! [`MAX_CONNECTIONS`] at once). Requests are answered on a few handler threads, since an
 //! action waits for its shard. Slow or idle clients each hold one cheap task until their
 //! timeout, so the probes stay answerable while they do (test
-//! `probes_answer_while_slow_clients_hold_connections`).
+//! `probes_answer_while_slow_clients_hold_connections`); one source address holds at most
+//! [`MAX_PER_ADDRESS`] of them. Where many hosts may reach the admin port, `--probe` opens a
+//! second listener that answers only `/healthz` and `/readyz` with capacity of its own, for
+//! the orchestrator's probes (test `the_probe_listener_answers_while_the_admin_port_is_full`).
 //!
 //! # Endpoints
 //! - `GET /metrics` (OpenMetrics text, [`crate::ops::metrics`]), `GET /healthz`, `GET /readyz`, `GET /status`,
@@ -306,6 +309,15 @@ impl Hub {
 /// Admin connections served at once; more get a 503 at once. Each connection lives at most
 /// [`CONNECTION_LIFETIME`], so slow or idle clients cannot hold the house for long.
 pub const MAX_CONNECTIONS: usize = 512;
+/// Admin connections one source address may hold at once; more from it get a 503 at once, so
+/// one host cannot fill the house.
+pub const MAX_PER_ADDRESS: usize = 128;
+/// Connections the probe listener (`--probe`) serves at once, and per source address.
+pub const PROBE_CONNECTIONS: usize = 256;
+/// Probe connections one source address may hold at once.
+pub const PROBE_PER_ADDRESS: usize = 32;
+/// Longest a probe connection may live: a probe asks one small question.
+pub const PROBE_LIFETIME: Duration = Duration::from_secs(2);
 /// Longest an admin connection may live: its request head, body and answer.
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
 /// Threads that carry out requests (an action waits up to [`ACTION_TIMEOUT`] for its shard).
@@ -314,10 +326,94 @@ const HANDLER_THREADS: usize = 8;
 /// Starts the admin thread on `listener`: a single-threaded tokio runtime serving HTTP/1.1
 /// through hyper, with [`HANDLER_THREADS`] threads for the requests themselves.
 pub fn spawn(listener: TcpListener, hub: Arc<Hub>) -> std::thread::JoinHandle<()> {
+    spawn_with_probe(Some(listener), None, hub)
+}
+
+/// [`spawn`], with a second listener that answers only `/healthz` and `/readyz`: capacity of
+/// its own ([`PROBE_CONNECTIONS`], [`PROBE_LIFETIME`]), so however many clients hold the admin
+/// port, the orchestrator's probes are answered.
+pub fn spawn_with_probe(
+    admin: Option<TcpListener>,
+    probe: Option<TcpListener>,
+    hub: Arc<Hub>,
+) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("admin".into())
-        .spawn(move || run(listener, hub))
+        .spawn(move || run(admin, probe, hub))
         .expect("spawning the admin thread")
+}
+
+/// Pending connections the kernel queues for an admin or probe listener before it drops SYNs
+/// (std's default is 128): a burst of clients must not keep a probe out of the queue.
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// Binds an admin or probe listener on `addr` with a deep accept queue
+/// ([`LISTEN_BACKLOG`]).
+pub fn bind_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// What a listener serves, and with how much.
+#[derive(Clone, Copy)]
+struct Lane {
+    /// Only `/healthz` and `/readyz`.
+    probes_only: bool,
+    connections: usize,
+    per_address: usize,
+    lifetime: Duration,
+}
+
+const ADMIN_LANE: Lane = Lane {
+    probes_only: false,
+    connections: MAX_CONNECTIONS,
+    per_address: MAX_PER_ADDRESS,
+    lifetime: CONNECTION_LIFETIME,
+};
+
+const PROBE_LANE: Lane = Lane {
+    probes_only: true,
+    connections: PROBE_CONNECTIONS,
+    per_address: PROBE_PER_ADDRESS,
+    lifetime: PROBE_LIFETIME,
+};
+
+/// Connections held per source address on one listener; a [`Held`] gives its place back.
+#[derive(Default)]
+struct PerAddress(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One connection's place in its address's count.
+struct Held(Arc<PerAddress>, std::net::IpAddr);
+
+impl PerAddress {
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr, most: usize) -> Option<Held> {
+        let mut held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = held.entry(ip).or_insert(0);
+        if *n >= most {
+            return None;
+        }
+        *n += 1;
+        Some(Held(self.clone(), ip))
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut held = self.0 .0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = held.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.1);
+            }
+        }
+    }
 }
 
 /// Lowers the calling thread's scheduling priority (nice 10): where every core runs a shard,
@@ -329,7 +425,7 @@ fn yield_to_shards() {
     }
 }
 
-fn run(listener: TcpListener, hub: Arc<Hub>) {
+fn run(admin: Option<TcpListener>, probe: Option<TcpListener>, hub: Arc<Hub>) {
     yield_to_shards();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
@@ -339,12 +435,24 @@ fn run(listener: TcpListener, hub: Arc<Hub>) {
         .on_thread_start(yield_to_shards)
         .build();
     match rt {
-        Ok(rt) => rt.block_on(serve(listener, hub)),
+        Ok(rt) => rt.block_on(async {
+            let probes = async {
+                if let Some(l) = probe {
+                    serve(l, hub.clone(), PROBE_LANE).await;
+                }
+            };
+            let admin = async {
+                if let Some(l) = admin {
+                    serve(l, hub.clone(), ADMIN_LANE).await;
+                }
+            };
+            tokio::join!(admin, probes);
+        }),
         Err(e) => warn!(error = %e, "admin runtime; the admin endpoint is off"),
     }
 }
 
-async fn serve(listener: TcpListener, hub: Arc<Hub>) {
+async fn serve(listener: TcpListener, hub: Arc<Hub>, lane: Lane) {
     let listener = match listener
         .set_nonblocking(true)
         .and_then(|()| tokio::net::TcpListener::from_std(listener))
@@ -352,7 +460,8 @@ async fn serve(listener: TcpListener, hub: Arc<Hub>) {
         Ok(l) => l,
         Err(e) => return warn!(error = %e, "admin listener; the admin endpoint is off"),
     };
-    let house = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let house = Arc::new(tokio::sync::Semaphore::new(lane.connections));
+    let per_address = Arc::new(PerAddress::default());
     let mut stop = tokio::time::interval(Duration::from_millis(100));
     loop {
         let accepted = tokio::select! {
@@ -364,33 +473,37 @@ async fn serve(listener: TcpListener, hub: Arc<Hub>) {
                 continue;
             }
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 debug!(error = %e, "admin accept");
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
         };
+        // A full house, or a host that holds its share: say so without reading the request
+        // (the socket's buffer takes these few bytes at once, or the client gets a reset).
+        let Some(held) = per_address.take(peer.ip(), lane.per_address) else {
+            let _ = stream.try_write(FULL_HOUSE);
+            continue;
+        };
         let Ok(seat) = house.clone().try_acquire_owned() else {
-            // A full house: say so without reading the request (the socket's buffer takes
-            // these few bytes at once, or the client gets a reset).
             let _ = stream.try_write(FULL_HOUSE);
             continue;
         };
         let hub = hub.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| answer(req, hub.clone()));
+            let service = service_fn(move |req| answer(req, hub.clone(), lane.probes_only));
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(IO_TIMEOUT)
                 .max_buf_size(MAX_HEADER.max(8192))
                 .keep_alive(false)
                 .serve_connection(TokioIo::new(stream), service);
-            if let Ok(Err(e)) = tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
+            if let Ok(Err(e)) = tokio::time::timeout(lane.lifetime, connection).await {
                 debug!(error = %e, "admin connection");
             }
-            drop(seat);
+            drop((seat, held));
         });
     }
 }
@@ -402,7 +515,14 @@ const FULL_HOUSE: &[u8] =
 async fn answer(
     req: hyper::Request<Incoming>,
     hub: Arc<Hub>,
+    probes_only: bool,
 ) -> Result<hyper::Response<Full<Bytes>>, Infallible> {
+    if probes_only && !matches!(req.uri().path(), "/healthz" | "/readyz") {
+        return Ok(reply(Response::error(
+            404,
+            "this listener answers /healthz and /readyz only",
+        )));
+    }
     let (parts, body) = req.into_parts();
     let body = match tokio::time::timeout(IO_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await
     {
@@ -823,7 +943,7 @@ mod tests {
 
     /// Starts the admin server on a free loopback port.
     fn serve_hub(hub: Hub) -> (Arc<Hub>, std::net::SocketAddr, std::thread::JoinHandle<()>) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let listener = bind_listener("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
         let hub = Arc::new(hub);
         let thread = spawn(listener, hub.clone());
@@ -890,6 +1010,118 @@ mod tests {
             t.elapsed() < IO_TIMEOUT + Duration::from_secs(1),
             "{:?}",
             t.elapsed()
+        );
+        hub.stop_admin();
+        thread.join().unwrap();
+    }
+
+    /// Opens `n` connections to `addr` from `from`, each with half a request head.
+    fn slow_clients(
+        from: std::net::IpAddr,
+        addr: std::net::SocketAddr,
+        n: usize,
+    ) -> Vec<std::net::TcpStream> {
+        use std::io::Write;
+        (0..n)
+            .map(|_| {
+                let socket =
+                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                        .unwrap();
+                socket
+                    .bind(&std::net::SocketAddr::new(from, 0).into())
+                    .unwrap();
+                socket.connect(&addr.into()).unwrap();
+                let mut s: std::net::TcpStream = socket.into();
+                s.write_all(b"GET /healthz HTTP/1.1\r\nHost: slow\r\n")
+                    .unwrap();
+                s
+            })
+            .collect()
+    }
+
+    /// `GET path` from `from`; the answer's status line.
+    fn status_line(from: std::net::IpAddr, addr: std::net::SocketAddr, path: &str) -> String {
+        use std::io::{Read, Write};
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket
+            .bind(&std::net::SocketAddr::new(from, 0).into())
+            .unwrap();
+        socket.connect(&addr.into()).unwrap();
+        let mut s: std::net::TcpStream = socket.into();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer t\r\n\r\n");
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// One host holds at most MAX_PER_ADDRESS admin connections: the rest of its
+    /// connections get a 503 at once, and another host is served as usual.
+    #[test]
+    fn one_host_cannot_fill_the_admin_port() {
+        let (hub, _rx) = hub();
+        let (hub, addr, thread) = serve_hub(hub);
+        let greedy: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+        let _held = slow_clients(greedy, addr, MAX_PER_ADDRESS);
+        std::thread::sleep(Duration::from_millis(200));
+        let refused = status_line(greedy, addr, "/healthz");
+        assert!(refused.contains("503"), "{refused}");
+        let other: std::net::IpAddr = "127.0.0.3".parse().unwrap();
+        let served = status_line(other, addr, "/healthz");
+        assert!(served.contains("200"), "{served}");
+        hub.stop_admin();
+        thread.join().unwrap();
+    }
+
+    /// Hosts enough to fill the admin port (MAX_CONNECTIONS) leave it answering 503; the
+    /// probe listener answers /healthz and /readyz all the while, and nothing else.
+    #[test]
+    fn the_probe_listener_answers_while_the_admin_port_is_full() {
+        let (hub, _rx) = hub();
+        let admin = bind_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let probe = bind_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let (admin_addr, probe_addr) = (admin.local_addr().unwrap(), probe.local_addr().unwrap());
+        let hub = Arc::new(hub);
+        let thread = spawn_with_probe(Some(admin), Some(probe), hub.clone());
+        // One host more than needed: a few connections may still wait in the accept queue.
+        let hosts = MAX_CONNECTIONS.div_ceil(MAX_PER_ADDRESS) + 1;
+        let _held: Vec<_> = (0..hosts)
+            .flat_map(|h| {
+                let from = format!("127.0.1.{}", h + 1).parse().unwrap();
+                slow_clients(from, admin_addr, MAX_PER_ADDRESS)
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(800));
+        let me: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+        let full = status_line(me, admin_addr, "/healthz");
+        assert!(full.contains("503"), "the admin port is full: {full}");
+        for path in ["/healthz", "/readyz"] {
+            for _ in 0..10 {
+                let t = Instant::now();
+                let answer = status_line(me, probe_addr, path);
+                assert!(
+                    answer.contains("200") || answer.contains("503 "),
+                    "{path}: {answer}"
+                );
+                assert!(!answer.is_empty(), "{path}: no answer");
+                assert!(
+                    t.elapsed() < Duration::from_secs(1),
+                    "{path}: {:?}",
+                    t.elapsed()
+                );
+            }
+        }
+        assert!(status_line(me, probe_addr, "/healthz").contains("200"));
+        let other = status_line(me, probe_addr, "/metrics");
+        assert!(
+            other.contains("404"),
+            "/metrics on the probe listener: {other}"
         );
         hub.stop_admin();
         thread.join().unwrap();

@@ -106,6 +106,11 @@ pub struct ServeConfig {
     #[arg(long)]
     #[serde(with = "admin_address")]
     pub admin: Option<SocketAddr>,
+    /// Probe-only HTTP address (`/healthz`, `/readyz`, no token, capacity of its own), or
+    /// `off` [default: off]. For orchestrators' probes where many hosts reach the admin port.
+    #[arg(long)]
+    #[serde(with = "admin_address")]
+    pub probe: Option<SocketAddr>,
     /// Bearer token the admin endpoint requires (except /healthz and /readyz). Never printed.
     #[arg(long)]
     #[serde(deserialize_with = "optional_text", skip_serializing)]
@@ -158,6 +163,7 @@ impl Default for ServeConfig {
             stats_interval: Duration::from_secs(10),
             seed: None,
             admin: Some(SocketAddr::from(([127, 0, 0, 1], 4434))),
+            probe: None,
             admin_token: None,
             admin_token_file: None,
             drain_grace: Duration::from_secs(30),
@@ -723,6 +729,7 @@ mod tests {
                 "stats_interval" => "0",
                 "seed" => "12345",
                 "admin" => "off",
+                "probe" => "127.0.0.1:4435",
                 "admin_token" => "777",
                 "admin_token_file" => "",
                 "drain_grace" => "45",

@@ -139,6 +139,8 @@ pub struct Started {
     pub cert_path: Option<std::path::PathBuf>,
     /// The admin HTTP address, if enabled.
     pub admin: Option<std::net::SocketAddr>,
+    /// The probe-only HTTP address, if enabled.
+    pub probe: Option<std::net::SocketAddr>,
 }
 
 /// Runs the server until a drain finishes (see [`request_stop`]). `on_start` sees the bound
@@ -176,14 +178,20 @@ pub fn serve_with_fleet(
         source,
     })?;
     let admin_listener = match config.admin {
-        Some(addr) => Some(
-            std::net::TcpListener::bind(addr)
-                .map_err(|source| StartError::Bind { addr, source })?,
-        ),
+        Some(addr) => {
+            Some(admin::bind_listener(addr).map_err(|source| StartError::Bind { addr, source })?)
+        }
+        None => None,
+    };
+    let probe_listener = match config.probe {
+        Some(addr) => {
+            Some(admin::bind_listener(addr).map_err(|source| StartError::Bind { addr, source })?)
+        }
         None => None,
     };
     let started = Started {
         admin: admin_listener.as_ref().and_then(|l| l.local_addr().ok()),
+        probe: probe_listener.as_ref().and_then(|l| l.local_addr().ok()),
         addrs: (0..shards)
             .map(|i| sockets.local_addr(i).expect("bound socket"))
             .collect(),
@@ -242,7 +250,8 @@ pub fn serve_with_fleet(
         handles.push(handle);
     }
     drop(results_tx);
-    let admin_thread = admin_listener.map(|l| admin::spawn(l, hub.clone()));
+    let admin_thread = (admin_listener.is_some() || probe_listener.is_some())
+        .then(|| admin::spawn_with_probe(admin_listener, probe_listener, hub.clone()));
     let failed = !supervise(&config, &hub, &events_rx, &results_rx, &mut *fleet);
     // Wait for the shards' tasks to end, but not for ever: a stalled shard never would.
     let wait_until = Instant::now() + SHARD_EXIT_WAIT;
