@@ -254,7 +254,7 @@ async fn after_a_crash_and_a_restart_old_clients_get_a_stateless_reset() {
         .args(["--admin", "off", "--data-dir"])
         .arg(&server.data_dir)
         .env("RUST_LOG", "warn")
-        .env_remove("AGONES_SDK_HTTP_PORT")
+        .env_remove("AGONES_SDK_GRPC_PORT")
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("restart tickshard");

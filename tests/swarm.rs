@@ -8,6 +8,7 @@ use common::{release_binary, Server};
 use serde_json::Value;
 use std::process::Command;
 use std::sync::Mutex;
+use std::time::Duration;
 
 /// The two swarms must not share the machine's two cores with each other.
 static ONE_SWARM_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -115,4 +116,95 @@ fn two_hundred_bots_on_a_poor_link() {
     assert_eq!(f(&r, &["decode_errors"]), 0.0, "{text}");
     assert_eq!(f(&r, &["divergences"]), 0.0, "{text}");
     assert!(f(&r, &["movement_checked"]) > 200.0 * 20.0, "{text}");
+}
+
+/// A server killed (SIGKILL) and started again 0.1 s later on the same port and data
+/// directory: bots run with `--reconnect` recognise the new process's stateless resets (one
+/// reset key across restarts), connect again and are back in rooms within a few seconds,
+/// instead of sitting out the idle timeout.
+#[test]
+fn after_a_crash_and_a_restart_reconnecting_bots_are_back_in_rooms_within_seconds() {
+    use std::io::BufRead;
+    let _one = ONE_SWARM_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let args = [
+        "--shards",
+        "2",
+        "--room-capacity",
+        "50",
+        "--stats-interval",
+        "0",
+    ];
+    let mut server = Server::start_release("swarm-crash", &args);
+    let json = server.data_dir.join("report.json");
+    let mut sim = Command::new(release_binary("client-sim"))
+        .args(["--server", &server.addr.to_string()])
+        .args(["--pin", &server.fingerprint])
+        .args(["--bots", "100", "--ramp", "1s", "--duration", "12s"])
+        .args([
+            "--threads",
+            "1",
+            "--seed",
+            "9",
+            "--progress",
+            "lines",
+            "--reconnect",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("run client-sim");
+    std::thread::sleep(Duration::from_secs(4));
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut again = Command::new(release_binary("tickshard"))
+        .args(["--listen", &server.addr.to_string()])
+        .args(args)
+        .args(["--admin", "off", "--data-dir"])
+        .arg(&server.data_dir)
+        .env("RUST_LOG", "warn")
+        .env_remove("AGONES_SDK_GRPC_PORT")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("restart tickshard");
+    let mut line = String::new();
+    std::io::BufReader::new(again.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("tickshard listening"), "{line}");
+    let _ = sim.wait();
+    let _ = again.kill();
+    let _ = again.wait();
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("the swarm's report")).unwrap();
+    let resets = f(&report, &["stateless_resets"]);
+    let reconnects = f(&report, &["reconnects"]);
+    let recoveries: Vec<u64> = report["recoveries_ms"]
+        .as_array()
+        .expect("recoveries")
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    eprintln!("resets {resets}, reconnects {reconnects}, recoveries (ms) {recoveries:?}");
+    assert!(
+        resets >= 90.0,
+        "most bots learn of the restart by a reset: {resets}"
+    );
+    assert!(
+        reconnects >= 100.0,
+        "every bot connected again: {reconnects}"
+    );
+    assert!(
+        recoveries.len() >= 100,
+        "every bot back in a room: {}",
+        recoveries.len()
+    );
+    let slowest = recoveries.iter().max().copied().unwrap_or(u64::MAX);
+    assert!(
+        slowest <= 5_000,
+        "back within 5 s of the crash: slowest {slowest} ms"
+    );
 }

@@ -104,6 +104,16 @@ impl ConnectionIdGenerator for TaggedCidGenerator {
     fn cid_lifetime(&self) -> Option<Duration> {
         None
     }
+
+    /// Only IDs with our tag are ours: a packet for another client on the same socket (or a
+    /// stateless reset, whose ID is random) is never answered with a reset of our own.
+    fn validate(&self, cid: &ConnectionId) -> Result<(), quinn_proto::InvalidCid> {
+        if cid.len() == CLIENT_CID_LEN && cid[..4] == self.tag.to_le_bytes() {
+            Ok(())
+        } else {
+            Err(quinn_proto::InvalidCid)
+        }
+    }
 }
 
 /// The tag of the client a QUIC packet from the server is addressed to, when its destination
@@ -632,6 +642,29 @@ impl Client {
             }
             Some(DatagramEvent::Response(t)) => self.responses.push_back((t, buf)),
             _ => {}
+        }
+    }
+
+    /// Offers a datagram that names no client (its connection ID carries no tag): a stateless
+    /// reset has a random ID and is told apart only by its last 16 bytes, the reset token of
+    /// one connection. Returns whether it was this client's reset (the connection is then
+    /// lost, `Closed` follows). Nothing is ever sent in answer.
+    pub fn handle_stray(&mut self, now: Instant, remote: SocketAddr, data: &[u8]) -> bool {
+        // A reset looks like a short-header packet of at least 21 bytes (RFC 9000 §10.3).
+        if data.len() < 21 || data[0] & 0x80 != 0 {
+            return false;
+        }
+        let mut buf = Vec::new();
+        match self
+            .endpoint
+            .handle(now, remote, None, None, BytesMut::from(data), &mut buf)
+        {
+            Some(DatagramEvent::ConnectionEvent(ch, ev)) if ch == self.ch => {
+                self.conn.handle_event(ev);
+                self.drive(now);
+                true
+            }
+            _ => false,
         }
     }
 

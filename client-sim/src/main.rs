@@ -58,6 +58,11 @@ struct Args {
     /// Seconds a bot may take from connecting to holding a seat.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     join_timeout: Duration,
+    /// Lost bots connect again and rejoin, as a game client would: after a stateless reset
+    /// (a server restart), a timeout, or a close other than a drain, with a backoff of 250 ms
+    /// doubling to 4 s; a bot whose room ended joins another.
+    #[arg(long)]
+    reconnect: bool,
     /// Trust the server certificate in this DER or PEM file.
     #[arg(long, default_value = ".tickshard/dev-cert.der")]
     cert: PathBuf,
@@ -289,6 +294,7 @@ fn main() -> anyhow::Result<()> {
         up: link,
         down: link,
         client,
+        reconnect: a.reconnect,
     };
     let progress = Progress::new(threads);
     let rss_before = a.server_pid.and_then(proc_usage).map(|u| u.1);
@@ -591,6 +597,18 @@ fn report(
     if drain_notices > 0 {
         println!("  drain notices received: {drain_notices}");
     }
+    let reconnects = sum(&|b| b.reconnects);
+    let mut recoveries: Vec<Duration> = r.bots.iter().flat_map(|b| b.recoveries.clone()).collect();
+    recoveries.sort_unstable();
+    if reconnects > 0 || !recoveries.is_empty() || r.stateless_resets > 0 {
+        println!(
+            "  stateless resets {}, reconnects {reconnects}, back in a room {} times (slowest {:.1} s, median {:.1} s)",
+            r.stateless_resets,
+            recoveries.len(),
+            recoveries.last().map_or(0.0, Duration::as_secs_f64),
+            recoveries.get(recoveries.len() / 2).map_or(0.0, Duration::as_secs_f64),
+        );
+    }
     println!("  link {} ({link:?}): dropped up {up} down {down}", a.link);
     if r.send_errors + r.stray_datagrams + r.ticks_skipped > 0 {
         println!(
@@ -649,6 +667,9 @@ fn report(
             "first_divergence": first_divergence,
             "server_errors_by_code": errors_by.iter().map(|(c, n)| (c.to_string(), *n)).collect::<BTreeMap<_, _>>(),
             "drain_notices": drain_notices,
+            "stateless_resets": r.stateless_resets,
+            "reconnects": reconnects,
+            "recoveries_ms": recoveries.iter().map(|d| d.as_millis() as u64).collect::<Vec<_>>(),
             "link": a.link,
             "link_dropped": {"up": up, "down": down},
             "behavior": a.behavior.to_string(),

@@ -64,7 +64,18 @@ pub struct SwarmConfig {
     pub down: Link,
     /// How bots reach and trust the server.
     pub client: ClientConfig,
+    /// Whether a bot whose connection is lost (a reset after a server restart, a timeout, a
+    /// close other than a drain) connects again and rejoins, as a game client would, and
+    /// whether one whose room ended joins another.
+    pub reconnect: bool,
 }
+
+/// First wait before a lost bot connects again; it doubles per failed attempt up to
+/// [`RECONNECT_MAX`], plus up to 200 ms spread by bot number so a swarm does not return in
+/// one burst.
+const RECONNECT_MIN: Duration = Duration::from_millis(250);
+/// Longest wait before a lost bot connects again.
+const RECONNECT_MAX: Duration = Duration::from_secs(4);
 
 /// Live figures of one thread, published a few times a second (not per packet).
 #[derive(Debug, Default)]
@@ -162,6 +173,11 @@ pub struct BotResult {
     pub bytes_in: u64,
     /// UDP bytes sent.
     pub bytes_out: u64,
+    /// Connections lost and made again (with `reconnect`).
+    pub reconnects: u64,
+    /// For each time it was out of a room it had (connection lost, room ended) and got a
+    /// seat again: how long that took.
+    pub recoveries: Vec<Duration>,
     /// Datagrams the link conditioner dropped (up, down).
     pub link_dropped: (u64, u64),
     /// The last smoothed RTT.
@@ -241,8 +257,10 @@ pub struct SwarmResult {
     pub seconds: Vec<Second>,
     /// Datagrams the kernel refused to send.
     pub send_errors: u64,
-    /// Datagrams that named no bot of ours.
+    /// Datagrams that named no bot of ours (stateless resets not counted).
     pub stray_datagrams: u64,
+    /// Stateless resets recognised (each ends one bot's connection at once).
+    pub stateless_resets: u64,
     /// Swarm ticks skipped because a pass ran late.
     pub ticks_skipped: u64,
 }
@@ -282,6 +300,7 @@ pub fn run(config: &SwarmConfig, progress: &Progress) -> io::Result<SwarmResult>
         seconds: Vec::new(),
         send_errors: 0,
         stray_datagrams: 0,
+        stateless_resets: 0,
         ticks_skipped: 0,
     };
     for r in results {
@@ -297,6 +316,7 @@ pub fn run(config: &SwarmConfig, progress: &Progress) -> io::Result<SwarmResult>
         }
         out.send_errors += r.send_errors;
         out.stray_datagrams += r.stray;
+        out.stateless_resets += r.resets;
         out.ticks_skipped = out.ticks_skipped.max(r.ticks_skipped);
     }
     Ok(out)
@@ -308,7 +328,17 @@ struct ThreadResult {
     seconds: Vec<Second>,
     send_errors: u64,
     stray: u64,
+    resets: u64,
     ticks_skipped: u64,
+}
+
+/// What earlier connections of a bot counted, added to its last one's at the end.
+#[derive(Default, Clone, Copy)]
+struct Carried {
+    decode_errors: u64,
+    late_snapshots: u64,
+    snapshot_bytes: u64,
+    snapshots: u64,
 }
 
 struct Bot {
@@ -325,6 +355,13 @@ struct Bot {
     armed: Option<Instant>,
     touched: bool,
     done: bool,
+    /// Since when the bot has been out of a room it had (lost connection, room ended).
+    lost_at: Option<Instant>,
+    /// Connection attempts since the bot was last seated (for the reconnect backoff).
+    attempts: u32,
+    /// Connections made so far.
+    sessions: u32,
+    carried: Carried,
 }
 
 struct Loop<'a> {
@@ -344,7 +381,10 @@ struct Loop<'a> {
     hist: Histograms,
     seconds: Vec<Second>,
     stray: u64,
+    resets: u64,
     ticks_skipped: u64,
+    /// Bots waiting to connect again, by when.
+    reconnects: BinaryHeap<Reverse<(Instant, u32)>>,
 }
 
 impl<'a> Loop<'a> {
@@ -401,6 +441,10 @@ impl<'a> Loop<'a> {
                     armed: None,
                     touched: false,
                     done: false,
+                    lost_at: None,
+                    attempts: 0,
+                    sessions: 0,
+                    carried: Carried::default(),
                 }
             })
             .collect();
@@ -421,7 +465,9 @@ impl<'a> Loop<'a> {
             hist: Histograms::new(),
             seconds: Vec::new(),
             stray: 0,
+            resets: 0,
             ticks_skipped: 0,
+            reconnects: BinaryHeap::new(),
         })
     }
 
@@ -457,6 +503,13 @@ impl<'a> Loop<'a> {
             while next_connect < self.bots.len() && self.bots[next_connect].connect_at <= now {
                 self.connect(next_connect, now);
                 next_connect += 1;
+            }
+            while let Some(&Reverse((at, i))) = self.reconnects.peek() {
+                if at > now {
+                    break;
+                }
+                self.reconnects.pop();
+                self.connect(i as usize, now);
             }
             self.receive(now)?;
             // Due timers.
@@ -510,6 +563,9 @@ impl<'a> Loop<'a> {
             if let Some(b) = self.bots.get(next_connect) {
                 deadline = deadline.min(b.connect_at);
             }
+            if let Some(&Reverse((at, _))) = self.reconnects.peek() {
+                deadline = deadline.min(at);
+            }
             if let Some(&Reverse((at, _))) = self.heap.peek() {
                 // Bots' timers wake the loop a little late, so that those falling due close
                 // together are fired in one pass instead of one wake-up each (on an impaired
@@ -557,14 +613,19 @@ impl<'a> Loop<'a> {
             .bots
             .into_iter()
             .map(|mut b| {
+                let mut totals = b.carried;
                 if let Some(c) = &b.client {
                     let st = c.stats();
-                    b.r.decode_errors = st.decode_errors;
-                    b.r.late_snapshots = st.snapshots_late;
-                    b.r.snapshot_bytes = st.snapshot_bytes;
-                    b.r.snapshots = st.snapshots;
+                    totals.decode_errors += st.decode_errors;
+                    totals.late_snapshots += st.snapshots_late;
+                    totals.snapshot_bytes += st.snapshot_bytes;
+                    totals.snapshots += st.snapshots;
                     b.r.rtt = c.rtt();
                 }
+                b.r.decode_errors = totals.decode_errors;
+                b.r.late_snapshots = totals.late_snapshots;
+                b.r.snapshot_bytes = totals.snapshot_bytes;
+                b.r.snapshots = totals.snapshots;
                 b.r.movement_checked = b.check.checked;
                 b.r.divergences = b.check.divergences;
                 b.r.skipped_commands = b.check.skipped;
@@ -578,6 +639,7 @@ impl<'a> Loop<'a> {
             seconds: self.seconds,
             send_errors,
             stray: self.stray,
+            resets: self.resets,
             ticks_skipped: self.ticks_skipped,
         })
     }
@@ -588,7 +650,11 @@ impl<'a> Loop<'a> {
         seed[..8].copy_from_slice(&self.config.seed.to_le_bytes());
         seed[8..16].copy_from_slice(&(global as u64).to_le_bytes());
         let b = &mut self.bots[i];
-        b.r.started = Some(now);
+        // Each connection of a bot its own keys and IDs.
+        seed[16..20].copy_from_slice(&b.sessions.to_le_bytes());
+        b.sessions += 1;
+        b.attempts += 1;
+        b.r.started.get_or_insert(now);
         match Client::connect_tagged(
             now,
             &self.config.client,
@@ -616,7 +682,22 @@ impl<'a> Loop<'a> {
                         .and_then(|t| (t as usize).checked_sub(self.first))
                         .filter(|&l| l < self.bots.len() && self.bots[l].socket == s)
                     else {
-                        self.stray += 1;
+                        // A stateless reset names no bot: its last 16 bytes are one of the
+                        // socket's connections' reset token.
+                        let reset = self.bots.iter_mut().enumerate().find_map(|(l, b)| {
+                            let c = b.client.as_mut().filter(|_| b.socket == s)?;
+                            c.handle_stray(now, from, data).then_some(l)
+                        });
+                        match reset {
+                            Some(l) => {
+                                self.resets += 1;
+                                if !self.bots[l].touched {
+                                    self.bots[l].touched = true;
+                                    self.touched.push(l as u32);
+                                }
+                            }
+                            None => self.stray += 1,
+                        }
                         continue;
                     };
                     let b = &mut self.bots[local];
@@ -739,6 +820,7 @@ impl<'a> Loop<'a> {
             b.touched = false;
             let Some(c) = &mut b.client else { continue };
             let mut saw_snapshot = false;
+            let mut lost = false;
             while let Some(ev) = c.poll_event() {
                 match ev {
                     ClientEvent::Welcome { .. } => {
@@ -754,6 +836,10 @@ impl<'a> Loop<'a> {
                         if b.r.joined.is_none() {
                             b.r.joined = Some(now);
                             b.r.room_rate = tick_rate;
+                        }
+                        b.attempts = 0;
+                        if let Some(lost_at) = b.lost_at.take() {
+                            b.r.recoveries.push(now - lost_at);
                         }
                         b.check =
                             MovementCheck::new(tick_rate, self.config.behavior.exact_movement());
@@ -803,13 +889,20 @@ impl<'a> Loop<'a> {
                         }
                     }
                     ClientEvent::Left { reason, .. } => {
-                        if !b.done {
+                        if self.config.reconnect && !b.done && now < self.end {
+                            // As a game would: back to quick match.
+                            b.lost_at.get_or_insert(now);
+                            c.join(self.config.room, &self.config.mode);
+                        } else if !b.done {
                             b.r.ended = Some((now, format!("left the room: {reason:?}")));
                             b.done = true;
                         }
                     }
                     ClientEvent::Closed(reason) => {
-                        if !b.done {
+                        let local = matches!(reason, CloseReason::Local);
+                        if self.config.reconnect && !b.done && !local && now < self.end {
+                            lost = true;
+                        } else if !b.done {
                             let why = match reason {
                                 CloseReason::Server { code, reason } => {
                                     format!("closed by server: {code} {reason}")
@@ -824,6 +917,24 @@ impl<'a> Loop<'a> {
                     }
                     ClientEvent::Chat { .. } | ClientEvent::GameEvent { .. } => b.r.messages += 1,
                 }
+            }
+            if lost {
+                // Connect again after a backoff; what this connection counted is kept.
+                let st = c.stats();
+                b.carried.decode_errors += st.decode_errors;
+                b.carried.late_snapshots += st.snapshots_late;
+                b.carried.snapshot_bytes += st.snapshot_bytes;
+                b.carried.snapshots += st.snapshots;
+                b.client = None;
+                b.armed = None;
+                b.lost_at.get_or_insert(now);
+                b.r.reconnects += 1;
+                let backoff = RECONNECT_MIN
+                    .saturating_mul(1 << b.attempts.min(5))
+                    .min(RECONNECT_MAX)
+                    + Duration::from_millis((i as u64 * 37) % 200);
+                self.reconnects.push(Reverse((now + backoff, i as u32)));
+                continue;
             }
             if saw_snapshot {
                 if let Some(e) = c.own_entity() {

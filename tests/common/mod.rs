@@ -149,7 +149,7 @@ impl Server {
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
             )
             // Agones is on only where a test asks for it.
-            .env_remove("AGONES_SDK_HTTP_PORT")
+            .env_remove("AGONES_SDK_GRPC_PORT")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(stderr)
