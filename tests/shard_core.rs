@@ -1319,3 +1319,134 @@ fn a_panicking_game_ends_only_its_room() {
     net.run_for(Duration::from_millis(300));
     assert_eq!(room_of(&net, a), Some(arena));
 }
+
+fn welcomed(net: &Net, i: usize) -> bool {
+    net.clients[i].client.player_id() != 0
+}
+
+fn ip(text: &str) -> std::net::IpAddr {
+    text.parse().unwrap()
+}
+
+/// One host holds at most `max_per_address` sessions: its next connections are refused,
+/// counted, and another host is served; a place freed is taken again.
+#[test]
+fn one_address_holds_at_most_its_share_of_sessions() {
+    use tickshard::shard::Admission;
+    let mut net = Net::new(NetConfig {
+        admission: Admission {
+            max_per_address: 4,
+            retry_above: 100,
+            ..Admission::default()
+        },
+        ..NetConfig::default()
+    });
+    let greedy: Vec<usize> = (0..6)
+        .map(|_| net.add_client_from(ip("127.0.5.1")))
+        .collect();
+    let other = net.add_client_from(ip("127.0.5.2"));
+    net.run_for(Duration::from_secs(1));
+    let served = greedy.iter().filter(|&&i| welcomed(&net, i)).count();
+    assert_eq!(served, 4, "the host's share");
+    for &i in &greedy {
+        assert!(
+            welcomed(&net, i) || net.closed(i).is_some(),
+            "client {i} neither in nor refused"
+        );
+    }
+    assert!(welcomed(&net, other), "another host is served");
+    assert_eq!(net.shards[0].counters().refused_per_address, 2);
+    // One of the host's clients leaves: a new one from it gets in.
+    let leaving = *greedy.iter().find(|&&i| welcomed(&net, i)).unwrap();
+    let now = net.now();
+    net.clients[leaving].client.close(now);
+    net.run_for(Duration::from_secs(1));
+    let again = net.add_client_from(ip("127.0.5.1"));
+    net.run_for(Duration::from_secs(1));
+    assert!(welcomed(&net, again), "{:?}", net.events(again));
+}
+
+/// Sessions that never say Hello hold handshake budget, not player places: past
+/// `max_handshakes` new connections are refused and counted, until the hello deadline
+/// closes the silent ones.
+#[test]
+fn silent_sessions_are_bounded_by_the_handshake_budget() {
+    use tickshard::shard::Admission;
+    let mut net = Net::new(NetConfig {
+        hello_timeout: Duration::from_secs(2),
+        admission: Admission {
+            max_handshakes: 5,
+            retry_above: 100,
+            ..Admission::default()
+        },
+        ..NetConfig::default()
+    });
+    let silent: Vec<usize> = (0..8)
+        .map(|k| {
+            net.add_client_from_with(ip(&format!("127.0.6.{}", k + 1)), |c| c.auto_hello = false)
+        })
+        .collect();
+    net.run_for(Duration::from_millis(500));
+    let refused = silent.iter().filter(|&&i| net.closed(i).is_some()).count();
+    assert_eq!(
+        refused,
+        3,
+        "{:?}",
+        silent.iter().map(|&i| net.closed(i)).collect::<Vec<_>>()
+    );
+    assert_eq!(net.shards[0].counters().refused_handshakes, 3);
+    assert_eq!(net.shards[0].connections(), 5);
+    assert_eq!(net.shards[0].players(), 0);
+    // While the budget is spent, even a real client waits its turn: refused.
+    let early = net.add_client_from(ip("127.0.6.100"));
+    net.run_for(Duration::from_millis(300));
+    assert!(net.closed(early).is_some());
+    // The hello deadline frees the budget.
+    net.run_for(Duration::from_secs(3));
+    let late = net.add_client_from(ip("127.0.6.101"));
+    net.run_for(Duration::from_millis(500));
+    assert!(welcomed(&net, late), "{:?}", net.events(late));
+}
+
+/// Past `retry_above` sessions not yet welcomed, new clients must answer a QUIC Retry before
+/// their handshake is accepted; clients that do (every real one) get in. With 0, every
+/// client is asked. Welcomed players alone count against `max_connections`.
+#[test]
+fn unvalidated_clients_answer_a_retry_when_handshakes_pile_up() {
+    use tickshard::shard::Admission;
+    for (retry_above, clients) in [(0usize, 6usize), (2, 12)] {
+        let mut net = Net::new(NetConfig {
+            admission: Admission {
+                retry_above,
+                ..Admission::default()
+            },
+            ..NetConfig::default()
+        });
+        let all: Vec<usize> = (0..clients)
+            .map(|k| net.add_client_from(ip(&format!("127.0.7.{}", k + 1))))
+            .collect();
+        net.connect_all(Duration::from_secs(5));
+        let retries = net.shards[0].counters().retries;
+        if retry_above == 0 {
+            assert_eq!(retries, clients as u64, "every client was asked");
+        } else {
+            assert!(
+                retries >= 1 && retries < clients as u64,
+                "some asked, not the first {retry_above}: {retries}"
+            );
+        }
+        assert!(all.iter().all(|&i| welcomed(&net, i)));
+    }
+    // max_connections counts players: with 2 welcomed, a third is refused as full.
+    let mut net = Net::new(NetConfig {
+        max_connections: 2,
+        ..NetConfig::default()
+    });
+    let (a, b) = (net.add_client(), net.add_client());
+    net.connect_all(Duration::from_secs(2));
+    let c = net.add_client_from(ip("127.0.7.200"));
+    net.run_for(Duration::from_millis(500));
+    assert!(welcomed(&net, a) && welcomed(&net, b));
+    assert!(net.closed(c).is_some() && !welcomed(&net, c));
+    assert_eq!(net.shards[0].counters().refused_full, 1);
+}

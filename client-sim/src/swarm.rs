@@ -406,7 +406,19 @@ impl<'a> Loop<'a> {
         .parse()
         .expect("static address");
         let mut sockets = Vec::new();
-        for _ in 0..n.div_ceil(per_socket) {
+        for k in 0..n.div_ceil(per_socket) {
+            // Against a loopback server each socket has a loopback address of its own
+            // (127.0.x.y, unique per socket: the thread's first bot number plus the socket's),
+            // as bots on many hosts would: a server's per-address cap then sees at most one
+            // socket's bots per address.
+            let bind = match bind {
+                SocketAddr::V4(v4) if v4.ip().is_loopback() => {
+                    let index = range.start + k;
+                    let (x, y) = ((index / 250) as u8, (index % 250 + 1) as u8);
+                    SocketAddr::from(([127, 0, x, y], 0))
+                }
+                other => other,
+            };
             let s = UdpSocket::bind(bind)?;
             s.set_nonblocking(true)?;
             // A tick's worth of snapshots for every bot on the socket arrives at once.

@@ -43,6 +43,7 @@ pub struct NetConfig {
     pub lobby_timeout: Duration,
     pub empty_room_grace: Duration,
     pub max_connections: usize,
+    pub admission: tickshard::shard::Admission,
 }
 
 impl Default for NetConfig {
@@ -58,6 +59,7 @@ impl Default for NetConfig {
             lobby_timeout: Duration::from_secs(120),
             empty_room_grace: Duration::from_secs(5),
             max_connections: 10_000,
+            admission: tickshard::shard::Admission::default(),
         }
     }
 }
@@ -232,6 +234,7 @@ impl Net {
                         .unwrap_or_else(|_| builtin_modes(config.capacity, config.tick_rate)),
                         server_config: server_config.clone(),
                         max_connections: config.max_connections,
+                        admission: config.admission,
                         hello_timeout: config.hello_timeout,
                         lobby_timeout: config.lobby_timeout,
                         reset_key: None,
@@ -309,6 +312,32 @@ impl Net {
         let addr: SocketAddr = format!("127.0.1.{}:{}", 1 + i / 60000, 1000 + i % 60000)
             .parse()
             .unwrap();
+        self.add_client_at(addr)
+    }
+
+    /// Adds a client on its own port of host `ip` (many clients of one host, or one client
+    /// each of many hosts).
+    pub fn add_client_from(&mut self, ip: std::net::IpAddr) -> usize {
+        let port = 1000 + (self.clients.len() % 60000) as u16;
+        self.add_client_at(SocketAddr::new(ip, port))
+    }
+
+    /// Adds a client at `addr`, built from `f(config)`.
+    pub fn add_client_from_with(
+        &mut self,
+        ip: std::net::IpAddr,
+        f: impl FnOnce(&mut ClientConfig),
+    ) -> usize {
+        let mut config = self.client_config.clone();
+        f(&mut config);
+        let saved = std::mem::replace(&mut self.client_config, config);
+        let i = self.add_client_from(ip);
+        self.client_config = saved;
+        i
+    }
+
+    fn add_client_at(&mut self, addr: SocketAddr) -> usize {
+        let i = self.clients.len();
         let mut seed = [0u8; 32];
         seed[..8].copy_from_slice(&self.config.seed.to_le_bytes());
         seed[8..16].copy_from_slice(&(i as u64).to_le_bytes());

@@ -69,10 +69,23 @@ pub struct ServeConfig {
     #[arg(long)]
     #[serde(deserialize_with = "number")]
     pub room_capacity: u16,
-    /// Most connections per shard [default: 10000].
+    /// Most welcomed players per shard [default: 10000].
     #[arg(long)]
     #[serde(deserialize_with = "number")]
     pub max_connections: usize,
+    /// Most sessions one IP address may hold per shard, 0 for no cap [default: 256].
+    #[arg(long)]
+    #[serde(deserialize_with = "number")]
+    pub max_per_address: usize,
+    /// Most sessions not yet welcomed (handshaking or before Hello) per shard [default: 256].
+    #[arg(long)]
+    #[serde(deserialize_with = "number")]
+    pub max_handshakes: usize,
+    /// Sessions not yet welcomed per shard from which on new clients must answer a QUIC Retry
+    /// (address validation) first; 0: always [default: 32].
+    #[arg(long)]
+    #[serde(deserialize_with = "number")]
+    pub retry_above: usize,
     /// How long a client has to send hello after connecting [default: 10].
     #[arg(long, value_parser = parse_duration)]
     #[serde(with = "seconds")]
@@ -153,6 +166,9 @@ impl Default for ServeConfig {
             tick_rate: 30,
             room_capacity: 64,
             max_connections: 10_000,
+            max_per_address: crate::shard::Admission::default().max_per_address,
+            max_handshakes: crate::shard::Admission::default().max_handshakes,
+            retry_above: crate::shard::Admission::default().retry_above,
             hello_timeout: Duration::from_secs(10),
             lobby_timeout: Duration::from_secs(120),
             idle_timeout: Duration::from_secs(10),
@@ -721,6 +737,9 @@ mod tests {
                 "tick_rate" => "60",
                 "room_capacity" => "16",
                 "max_connections" => "500",
+                "max_per_address" => "8",
+                "max_handshakes" => "64",
+                "retry_above" => "0",
                 "hello_timeout" => "3s",
                 "lobby_timeout" => "5m",
                 "idle_timeout" => "2.5",

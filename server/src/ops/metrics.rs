@@ -206,7 +206,7 @@ impl Collector for Reports {
             1.0,
         )?;
         type Get = fn(&ShardReport) -> f64;
-        let simple: [(&str, MetricType, &str, Get); 10] = [
+        let simple: [(&str, MetricType, &str, Get); 11] = [
             (
                 "tickshard_tick_overruns",
                 Counter,
@@ -250,6 +250,12 @@ impl Collector for Reports {
                 |r| r.cpu_seconds,
             ),
             (
+                "tickshard_retries",
+                Counter,
+                "QUIC Retry packets sent: clients asked to prove their address before a handshake.",
+                |r| r.counters.retries as f64,
+            ),
+            (
                 "tickshard_rooms_crashed",
                 Counter,
                 "Rooms ended because their game panicked (the shard and its other rooms go on).",
@@ -275,11 +281,13 @@ impl Collector for Reports {
         let labelled: [(&str, &str, &str, ByLabel<'_>); 4] = [
             (
                 "tickshard_connections_refused",
-                "Connections refused, by reason: the shard at its limit, or the process draining.",
+                "Connections refused, by reason: the shard at its player limit, the process draining, the address at its share, the handshake budget spent.",
                 "reason",
                 &[
                     ("full", |r| r.counters.refused_full),
                     ("draining", |r| r.counters.refused_draining),
+                    ("per_address", |r| r.counters.refused_per_address),
+                    ("handshake_budget", |r| r.counters.refused_handshakes),
                 ],
             ),
             (

@@ -226,6 +226,11 @@ pub fn serve_with_fleet(
                 .unwrap_or_else(|_| builtin_modes(config.room_capacity, config.tick_rate)),
             server_config: server_config.clone(),
             max_connections: config.max_connections,
+            admission: crate::shard::Admission {
+                max_per_address: config.max_per_address,
+                max_handshakes: config.max_handshakes,
+                retry_above: config.retry_above,
+            },
             hello_timeout: config.hello_timeout,
             lobby_timeout: config.lobby_timeout,
             reset_key: Some(reset_key),

@@ -100,8 +100,12 @@ pub struct ShardConfig {
     pub modes: Vec<ModeSpec>,
     /// QUIC server configuration (TLS, transport).
     pub server_config: Arc<ServerConfig>,
-    /// Most connections this shard holds.
+    /// Most welcomed players this shard holds (handshakes and sessions not yet welcomed are
+    /// bounded by [`Admission::max_handshakes`] instead).
     pub max_connections: usize,
+    /// Who may start a handshake: per-address caps, the handshake budget, address
+    /// validation with Retry.
+    pub admission: Admission,
     /// A client must send `Hello` this soon after the handshake.
     pub hello_timeout: Duration,
     /// A welcomed client that sits in no room (and joins none) this long is closed with
@@ -116,6 +120,36 @@ pub struct ShardConfig {
     /// The key stateless resets are signed with, the same on every shard and across restarts
     /// (`net::tls::stateless_reset_key`); `None`: a random key of this shard's own.
     pub reset_key: Option<[u8; crate::net::tls::RESET_KEY_LEN]>,
+}
+
+/// How a shard admits new connections, so that one host (or a flood of spoofed handshakes)
+/// cannot take every slot. Checked in order at each new connection:
+/// 1. welcomed players at `max_connections`: refused (`full`);
+/// 2. this source address already holds `max_per_address` sessions: refused (`per_address`);
+/// 3. `retry_above` or more sessions not yet welcomed, and the client's address not yet
+///    validated: a QUIC Retry, which a spoofed address never answers (the token is sealed
+///    with the key every shard shares, and the new connection ID keeps this shard's byte,
+///    so the answer comes back here);
+/// 4. `max_handshakes` sessions not yet welcomed: refused (`handshake_budget`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    /// Most sessions one source IP address may hold on this shard; 0: no cap.
+    pub max_per_address: usize,
+    /// Most sessions not yet welcomed (handshaking, or awaiting `Hello`) on this shard.
+    pub max_handshakes: usize,
+    /// Sessions not yet welcomed from which on a new, unvalidated client must answer a
+    /// Retry first; 0: always.
+    pub retry_above: usize,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Admission {
+            max_per_address: 256,
+            max_handshakes: 256,
+            retry_above: 32,
+        }
+    }
 }
 
 /// Where a shard core's outputs go: the runtime's socket and shard mesh, or a test network.
@@ -312,8 +346,31 @@ impl ShardCore {
                 }
             }
             Some(DatagramEvent::NewConnection(incoming)) => {
-                if self.connections() >= self.config.max_connections {
-                    self.counters.refused_full += 1;
+                let rule = self.config.admission;
+                let ip = incoming.remote_address().ip();
+                let pending = self.connections().saturating_sub(self.players());
+                let refusal = if self.players() >= self.config.max_connections {
+                    Some(&mut self.counters.refused_full)
+                } else if rule.max_per_address > 0
+                    && self.sessions.from_address(ip) >= rule.max_per_address
+                {
+                    Some(&mut self.counters.refused_per_address)
+                } else if pending >= rule.retry_above && !incoming.remote_address_validated() {
+                    match self.endpoint.retry(incoming, &mut buf) {
+                        Ok(t) => {
+                            self.counters.retries += 1;
+                            self.responses.push_back((t, buf));
+                        }
+                        Err(e) => self.endpoint.ignore(e.into_incoming()),
+                    }
+                    return;
+                } else if pending >= rule.max_handshakes {
+                    Some(&mut self.counters.refused_handshakes)
+                } else {
+                    None
+                };
+                if let Some(count) = refusal {
+                    *count += 1;
                     let t = self.endpoint.refuse(incoming, &mut buf);
                     self.responses.push_back((t, buf));
                     return;

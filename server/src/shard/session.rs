@@ -137,6 +137,9 @@ pub struct Session {
     pub(super) generation: u64,
     /// The player this session is (welcomed or not yet).
     pub(super) player: PlayerId,
+    /// The IP address the connection was admitted from (what the per-address cap counts,
+    /// whatever address the connection migrates to later).
+    admitted_from: std::net::IpAddr,
     /// Where the player sits.
     seat: Seat,
     /// Since when a welcomed player has had no seat (and no join under way).
@@ -173,6 +176,7 @@ impl Session {
         Session {
             generation,
             player,
+            admitted_from: conn.remote_address().ip(),
             seat: Seat::None,
             lobby_since: None,
             dirty: false,
@@ -218,6 +222,10 @@ impl Session {
     /// Welcomed and not closed.
     pub fn is_ready(&self) -> bool {
         self.phase == Phase::Ready
+    }
+    /// The IP address the connection was admitted from.
+    pub fn admitted_from(&self) -> std::net::IpAddr {
+        self.admitted_from
     }
     /// quinn's statistics of this connection.
     pub fn stats(&self) -> quinn_proto::ConnectionStats {

@@ -33,6 +33,8 @@ pub struct Sessions {
     dirty: Vec<usize>,
     /// quinn's statistics of the connections already retired.
     retired: QuicStats,
+    /// Sessions held per source IP address (for the per-address cap).
+    per_address: HashMap<std::net::IpAddr, usize>,
 }
 
 impl Sessions {
@@ -53,6 +55,11 @@ impl Sessions {
         let generation = self.next_generation;
         debug_assert!(self.slots[slot].is_none(), "quinn reused a slot still held");
         self.live += 1;
+        *self
+            .per_address
+            .entry(conn.remote_address().ip())
+            .or_insert(0) += 1;
+        // (Session::admitted_from is this same address, read from the same connection.)
         self.slots[slot] = Some(Box::new(Session::new(
             generation,
             conn,
@@ -200,10 +207,22 @@ impl Sessions {
         self.timers.set(slot, at);
     }
 
+    /// Sessions held for source address `ip`.
+    pub fn from_address(&self, ip: std::net::IpAddr) -> usize {
+        self.per_address.get(&ip).copied().unwrap_or(0)
+    }
+
     fn remove(&mut self, slot: usize) {
         self.forget_player(slot);
         if let Some(s) = self.slots[slot].take() {
             self.live -= 1;
+            let ip = s.admitted_from();
+            if let Some(n) = self.per_address.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_address.remove(&ip);
+                }
+            }
             self.timers.set(slot, None);
             self.retired.add(&s.stats());
             // The endpoint learns of the drain through the connection's endpoint events,

@@ -87,6 +87,12 @@ pub struct Counters {
     pub handshakes: u64,
     /// Connections refused because the shard was at its limit.
     pub refused_full: u64,
+    /// New connections refused because their address held its share of sessions.
+    pub refused_per_address: u64,
+    /// New connections refused because the shard's handshake budget was spent.
+    pub refused_handshakes: u64,
+    /// QUIC Retry packets sent (address validation before a handshake is accepted).
+    pub retries: u64,
     /// Connections refused (closed with DRAINING) because the process drains.
     pub refused_draining: u64,
     /// Sessions that completed hello.
