@@ -1450,3 +1450,32 @@ fn unvalidated_clients_answer_a_retry_when_handshakes_pile_up() {
     assert!(net.closed(c).is_some() && !welcomed(&net, c));
     assert_eq!(net.shards[0].counters().refused_full, 1);
 }
+
+/// One address starting handshakes faster than `handshakes_per_second` (burst twice that)
+/// has the excess Initials dropped unanswered and counted; its clients' retransmissions get
+/// in as tokens refill, and another host is not slowed.
+#[test]
+fn one_address_starts_handshakes_at_its_rate() {
+    use tickshard::shard::Admission;
+    let mut net = Net::new(NetConfig {
+        admission: Admission {
+            handshakes_per_second: 10,
+            retry_above: 100,
+            ..Admission::default()
+        },
+        ..NetConfig::default()
+    });
+    let burst: Vec<usize> = (0..30)
+        .map(|_| net.add_client_from(ip("127.0.8.1")))
+        .collect();
+    let other = net.add_client_from(ip("127.0.8.2"));
+    net.run_for(Duration::from_millis(200));
+    let early = burst.iter().filter(|&&i| welcomed(&net, i)).count();
+    assert_eq!(early, 20, "the burst");
+    assert!(net.shards[0].counters().refused_handshake_rate >= 10);
+    assert!(welcomed(&net, other), "another host is not slowed");
+    net.connect_all(Duration::from_secs(8));
+    assert!(burst
+        .iter()
+        .all(|&i| welcomed(&net, i) && net.closed(i).is_none()));
+}

@@ -86,6 +86,11 @@ pub struct ServeConfig {
     #[arg(long)]
     #[serde(deserialize_with = "number")]
     pub retry_above: usize,
+    /// Handshakes one IP address may start per second per shard, with a burst of twice that;
+    /// 0 for no limit [default: 100].
+    #[arg(long)]
+    #[serde(deserialize_with = "number")]
+    pub handshakes_per_second: u32,
     /// How long a client has to send hello after connecting [default: 10].
     #[arg(long, value_parser = parse_duration)]
     #[serde(with = "seconds")]
@@ -169,6 +174,7 @@ impl Default for ServeConfig {
             max_per_address: crate::shard::Admission::default().max_per_address,
             max_handshakes: crate::shard::Admission::default().max_handshakes,
             retry_above: crate::shard::Admission::default().retry_above,
+            handshakes_per_second: crate::shard::Admission::default().handshakes_per_second,
             hello_timeout: Duration::from_secs(10),
             lobby_timeout: Duration::from_secs(120),
             idle_timeout: Duration::from_secs(10),
@@ -740,6 +746,7 @@ mod tests {
                 "max_per_address" => "8",
                 "max_handshakes" => "64",
                 "retry_above" => "0",
+                "handshakes_per_second" => "10",
                 "hello_timeout" => "3s",
                 "lobby_timeout" => "5m",
                 "idle_timeout" => "2.5",

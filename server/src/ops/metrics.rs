@@ -281,13 +281,14 @@ impl Collector for Reports {
         let labelled: [(&str, &str, &str, ByLabel<'_>); 4] = [
             (
                 "tickshard_connections_refused",
-                "Connections refused, by reason: the shard at its player limit, the process draining, the address at its share, the handshake budget spent.",
+                "Connections refused, by reason: the shard at its player limit, the process draining, the address at its share, the handshake budget spent, the address's handshake rate passed.",
                 "reason",
                 &[
                     ("full", |r| r.counters.refused_full),
                     ("draining", |r| r.counters.refused_draining),
                     ("per_address", |r| r.counters.refused_per_address),
                     ("handshake_budget", |r| r.counters.refused_handshakes),
+                    ("handshake_rate", |r| r.counters.refused_handshake_rate),
                 ],
             ),
             (

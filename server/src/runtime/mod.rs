@@ -230,6 +230,7 @@ pub fn serve_with_fleet(
                 max_per_address: config.max_per_address,
                 max_handshakes: config.max_handshakes,
                 retry_above: config.retry_above,
+                handshakes_per_second: config.handshakes_per_second,
             },
             hello_timeout: config.hello_timeout,
             lobby_timeout: config.lobby_timeout,

@@ -130,7 +130,10 @@ pub struct ShardConfig {
 ///    validated: a QUIC Retry, which a spoofed address never answers (the token is sealed
 ///    with the key every shard shares, and the new connection ID keeps this shard's byte,
 ///    so the answer comes back here);
-/// 4. `max_handshakes` sessions not yet welcomed: refused (`handshake_budget`).
+/// 4. `max_handshakes` sessions not yet welcomed: refused (`handshake_budget`);
+/// 5. the address has started more than `handshakes_per_second` handshakes a second (with a
+///    burst of twice that): the Initial is dropped unanswered (`handshake_rate`); the
+///    client's retransmission may find a token again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Admission {
     /// Most sessions one source IP address may hold on this shard; 0: no cap.
@@ -140,6 +143,52 @@ pub struct Admission {
     /// Sessions not yet welcomed from which on a new, unvalidated client must answer a
     /// Retry first; 0: always.
     pub retry_above: usize,
+    /// Handshakes one IP address may start per second on this shard, with a burst of twice
+    /// that; 0: no limit.
+    pub handshakes_per_second: u32,
+}
+
+/// Handshake tokens of each source address (a token bucket per IP address).
+#[derive(Debug, Default)]
+pub(crate) struct HandshakeRate {
+    buckets: HashMap<IpAddr, (f64, Instant)>,
+}
+
+/// Most addresses whose buckets are remembered; past it, full buckets are forgotten first,
+/// then all (a flood from that many addresses is the handshake budget's to bound).
+const MAX_RATE_ENTRIES: usize = 65_536;
+
+impl HandshakeRate {
+    /// Takes one token of `ip`'s bucket (`per_second` refill, twice that at most); false when
+    /// it is empty.
+    fn take(&mut self, ip: IpAddr, per_second: u32, now: Instant) -> bool {
+        let cap = 2.0 * f64::from(per_second);
+        if self.buckets.len() >= MAX_RATE_ENTRIES && !self.buckets.contains_key(&ip) {
+            self.forget_full(per_second, now);
+            if self.buckets.len() >= MAX_RATE_ENTRIES {
+                self.buckets.clear();
+            }
+        }
+        let (tokens, last) = self.buckets.entry(ip).or_insert((cap, now));
+        let refill = now.saturating_duration_since(*last).as_secs_f64() * f64::from(per_second);
+        *tokens = (*tokens + refill).min(cap);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Forgets the buckets that have refilled (they would start full anyway).
+    pub(crate) fn forget_full(&mut self, per_second: u32, now: Instant) {
+        let cap = 2.0 * f64::from(per_second);
+        self.buckets.retain(|_, (tokens, last)| {
+            *tokens + now.saturating_duration_since(*last).as_secs_f64() * f64::from(per_second)
+                < cap
+        });
+    }
 }
 
 impl Default for Admission {
@@ -148,6 +197,7 @@ impl Default for Admission {
             max_per_address: 256,
             max_handshakes: 256,
             retry_above: 32,
+            handshakes_per_second: 100,
         }
     }
 }
@@ -169,6 +219,8 @@ pub struct ShardCore {
     modes: Vec<Rc<ModeSpec>>,
     endpoint: Endpoint,
     sessions: Sessions,
+    /// Handshakes started per source address (admission's rate).
+    handshake_rate: HandshakeRate,
     next_player: u64,
     /// Datagrams the endpoint answers by itself (stateless resets, refusals, version
     /// negotiation).
@@ -222,6 +274,7 @@ impl ShardCore {
             modes,
             endpoint,
             sessions: Sessions::default(),
+            handshake_rate: HandshakeRate::default(),
             next_player: 1,
             responses: VecDeque::new(),
             rooms: Rooms::new(config.shard),
@@ -373,6 +426,15 @@ impl ShardCore {
                     *count += 1;
                     let t = self.endpoint.refuse(incoming, &mut buf);
                     self.responses.push_back((t, buf));
+                    return;
+                }
+                if rule.handshakes_per_second > 0
+                    && !self
+                        .handshake_rate
+                        .take(ip, rule.handshakes_per_second, now)
+                {
+                    self.counters.refused_handshake_rate += 1;
+                    self.endpoint.ignore(incoming);
                     return;
                 }
                 match self.endpoint.accept(incoming, now, &mut buf, None) {

@@ -91,6 +91,8 @@ pub struct Counters {
     pub refused_per_address: u64,
     /// New connections refused because the shard's handshake budget was spent.
     pub refused_handshakes: u64,
+    /// New connections dropped because their address started too many handshakes a second.
+    pub refused_handshake_rate: u64,
     /// QUIC Retry packets sent (address validation before a handshake is accepted).
     pub retries: u64,
     /// Connections refused (closed with DRAINING) because the process drains.
