@@ -243,26 +243,14 @@ async fn first_sigterm_drains_second_closes_clients_with_a_reason_and_exits_zero
 /// (10 s). With a key of each process's own, the client would only time out.
 #[tokio::test(flavor = "current_thread")]
 async fn after_a_crash_and_a_restart_old_clients_get_a_stateless_reset() {
-    use std::io::BufRead;
     let mut server = Server::start("reset", &["--shards", "1"]);
     let mut c = QuinnClient::connect(&server).await;
     c.hello().await;
-    server.child.kill().unwrap();
-    server.child.wait().unwrap();
-    let mut again = std::process::Command::new(common::binary("tickshard"))
-        .args(["--listen", &server.addr.to_string(), "--shards", "1"])
-        .args(["--admin", "off", "--data-dir"])
-        .arg(&server.data_dir)
-        .env("RUST_LOG", "warn")
-        .env_remove("AGONES_SDK_GRPC_PORT")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("restart tickshard");
-    let mut line = String::new();
-    std::io::BufReader::new(again.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("tickshard listening"), "{line}");
+    let mut again = server.crash_and_restart(
+        common::binary("tickshard"),
+        Duration::ZERO,
+        &["--shards", "1"],
+    );
     let closed = tokio::time::timeout(Duration::from_secs(6), c.conn.closed()).await;
     let _ = again.kill();
     let _ = again.wait();

@@ -124,7 +124,6 @@ fn two_hundred_bots_on_a_poor_link() {
 /// instead of sitting out the idle timeout.
 #[test]
 fn after_a_crash_and_a_restart_reconnecting_bots_are_back_in_rooms_within_seconds() {
-    use std::io::BufRead;
     let _one = ONE_SWARM_AT_A_TIME
         .lock()
         .unwrap_or_else(|e| e.into_inner());
@@ -157,24 +156,11 @@ fn after_a_crash_and_a_restart_reconnecting_bots_are_back_in_rooms_within_second
         .spawn()
         .expect("run client-sim");
     std::thread::sleep(Duration::from_secs(4));
-    server.child.kill().unwrap();
-    server.child.wait().unwrap();
-    std::thread::sleep(Duration::from_millis(100));
-    let mut again = Command::new(release_binary("tickshard"))
-        .args(["--listen", &server.addr.to_string()])
-        .args(args)
-        .args(["--admin", "off", "--data-dir"])
-        .arg(&server.data_dir)
-        .env("RUST_LOG", "warn")
-        .env_remove("AGONES_SDK_GRPC_PORT")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("restart tickshard");
-    let mut line = String::new();
-    std::io::BufReader::new(again.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("tickshard listening"), "{line}");
+    let mut again = server.crash_and_restart(
+        release_binary("tickshard"),
+        Duration::from_millis(100),
+        &args,
+    );
     let _ = sim.wait();
     let _ = again.kill();
     let _ = again.wait();

@@ -1,6 +1,6 @@
 //! The swarm engine: many bots per event loop, one loop per thread.
 //!
-//! (About 1,000 lines: one event loop whose pass is read top to bottom; the bots' own logic
+//! (About 1,150 lines: one event loop whose pass is read top to bottom; the bots' own logic
 //! is in `behavior` and `check`.)
 //!
 //! Each thread owns a slice of the bots and a few UDP sockets (one per

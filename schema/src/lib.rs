@@ -1,5 +1,8 @@
 //! The tickshard wire schema.
 //!
+//! (About 1,050 lines, 280 of them tests: every decode limit and its byte-exact test sit
+//! together.)
+//!
 //! Everything tickshard puts on the wire is a FlatBuffer described by the `.fbs` files in
 //! `schema/fbs/`. The Rust code generated from them by `schema/generate.sh` (flatc 25.12.19)
 //! lives in `src/generated/` and is committed; this crate adds the thin safe layer that every

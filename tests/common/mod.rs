@@ -120,6 +120,36 @@ impl Server {
         (server, rx)
     }
 
+    /// Kills the server (SIGKILL, a crash), waits `pause`, and starts `exe` again on the same
+    /// address and data directory with `args` (admin off); returns it once it prints its
+    /// first line.
+    pub fn crash_and_restart(
+        &mut self,
+        exe: PathBuf,
+        pause: std::time::Duration,
+        args: &[&str],
+    ) -> std::process::Child {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        std::thread::sleep(pause);
+        let mut again = Command::new(exe)
+            .args(["--listen", &self.addr.to_string()])
+            .args(args)
+            .args(["--admin", "off", "--data-dir"])
+            .arg(&self.data_dir)
+            .env("RUST_LOG", "warn")
+            .env_remove("AGONES_SDK_GRPC_PORT")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("restart tickshard");
+        let mut line = String::new();
+        BufReader::new(again.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.starts_with("tickshard listening"), "{line}");
+        again
+    }
+
     fn spawn(exe: PathBuf, name: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
         Self::spawn_with(exe, name, args, env, Stdio::inherit())
     }

@@ -1,5 +1,8 @@
 //! The shard core: one shard's QUIC endpoint, sessions and rooms, with no I/O of its own.
 //!
+//! (About 850 lines: the core's state, admission, and its one driver, read together; the
+//! sessions, rooms, seats and lifecycle are in the files beside it.)
+//!
 //! Like quinn-proto's `Connection`, [`ShardCore`] performs no I/O and reads no clock: the
 //! caller passes `now` into every call and carries out what the core asks for. In production
 //! the glommio loop of `runtime/shard_loop.rs` drives it; in tests a harness with a virtual clock does.
