@@ -282,6 +282,11 @@ fn garbage_datagrams_are_ignored() {
         "garbage opened a connection"
     );
     assert_eq!(net.shards[0].counters().handshakes, 2);
+    assert!(
+        net.shards[0].counters().not_quic >= 190,
+        "dropped at the first look: {}",
+        net.shards[0].counters().not_quic
+    );
     // The one answer QUIC allows: a stateless reset (it tells a client whose connection the
     // server no longer has), smaller than the datagram that caused it and at most one per
     // 20 ms (quinn's `min_reset_interval`): one for 200 datagrams that arrived at once.

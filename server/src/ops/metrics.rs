@@ -314,6 +314,7 @@ impl Collector for Reports {
                 "Things dropped, by reason.",
                 "reason",
                 &[
+                    ("not_quic", |r| r.counters.not_quic),
                     ("malformed_datagram", |r| r.counters.malformed_datagrams),
                     ("malformed_frame", |r| r.counters.malformed_frames),
                     ("input_not_in_room", |r| r.counters.input_not_in_room),

@@ -125,6 +125,42 @@ pub struct ShardConfig {
     pub reset_key: Option<[u8; crate::net::tls::RESET_KEY_LEN]>,
 }
 
+/// QUIC version 1.
+const QUIC_V1: u32 = 1;
+/// Smallest datagram a client can send that carries a QUIC packet for us (a short header with
+/// our 8-byte connection ID, a packet number, a payload byte and the 16-byte AEAD tag).
+const MIN_QUIC_DATAGRAM: usize = 1 + crate::net::cid::CID_LEN + 1 + 1 + 16;
+/// Smallest datagram carrying a client's Initial packet (RFC 9000 §14.1).
+const MIN_INITIAL_DATAGRAM: usize = 1200;
+
+/// A first look at a datagram, before quinn-proto parses it: false when it cannot be a QUIC
+/// packet a client sends this shard. Too short; the fixed bit clear (the server does not offer
+/// greasing it); a long header of version 1 that is an Initial under 1,200 bytes or a Retry
+/// (servers send those); another version under 1,200 bytes (a real client of another
+/// version gets quinn's Version Negotiation); a short header whose connection ID does not
+/// start with this shard's byte (every ID this shard issues does). Costs a few comparisons.
+pub fn could_be_quic(data: &[u8], shard: ShardId) -> bool {
+    let Some(&first) = data.first() else {
+        return false;
+    };
+    if data.len() < MIN_QUIC_DATAGRAM || first & 0x40 == 0 {
+        return false;
+    }
+    if first & 0x80 == 0 {
+        // Short header: the destination connection ID follows the first byte.
+        return u16::from(data[1]) == shard.0;
+    }
+    let version = u32::from_be_bytes([data[1], data[2], data[3], data[4]]);
+    if version != QUIC_V1 {
+        return data.len() >= MIN_INITIAL_DATAGRAM;
+    }
+    match (first >> 4) & 0b11 {
+        0b00 => data.len() >= MIN_INITIAL_DATAGRAM,
+        0b11 => false,
+        _ => true,
+    }
+}
+
 /// How a shard admits new connections, so that one host (or a flood of spoofed handshakes)
 /// cannot take every slot. Checked in order at each new connection:
 /// 1. welcomed players at `max_connections`: refused (`full`);
@@ -263,6 +299,9 @@ impl ShardCore {
             None => EndpointConfig::default(),
         };
         ep.cid_generator(move || Box::new(ShardCidGenerator::new(shard, cid_seed)));
+        // Clients keep the fixed bit set (RFC 9287 greasing not offered), so datagrams without
+        // it are dropped before quinn looks at them (`could_be_quic`).
+        ep.grease_quic_bit(false);
         let mut ep_seed = [0u8; 32];
         rng.fill_bytes(&mut ep_seed);
         let endpoint = Endpoint::new(
@@ -388,6 +427,10 @@ impl ShardCore {
     ) {
         self.counters.udp_in += 1;
         self.counters.udp_bytes_in += data.len() as u64;
+        if !could_be_quic(&data, self.config.shard) {
+            self.counters.not_quic += 1;
+            return;
+        }
         let mut buf = Vec::new();
         match self
             .endpoint
@@ -846,5 +889,55 @@ fn error_text(code: u16) -> &'static str {
         codes::NOT_IN_ROOM => "not in a room",
         codes::SHARD_UNAVAILABLE => "the room's shard did not answer",
         _ => "join failed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn long(first: u8, version: u32, len: usize) -> Vec<u8> {
+        let mut d = vec![first];
+        d.extend_from_slice(&version.to_be_bytes());
+        d.resize(len, 0);
+        d
+    }
+
+    /// What a client can send passes; what it cannot is dropped before quinn-proto.
+    #[test]
+    fn only_what_could_be_quic_for_this_shard_passes_the_first_look() {
+        let shard = ShardId(3);
+        let mut short = vec![0x40 | 0x01, 3];
+        short.resize(40, 0xab);
+        assert!(could_be_quic(&short, shard), "a short header for shard 3");
+        short[1] = 4;
+        assert!(
+            !could_be_quic(&short, shard),
+            "a connection ID of another shard"
+        );
+        short[1] = 3;
+        short[0] = 0x01;
+        assert!(!could_be_quic(&short, shard), "the fixed bit clear");
+        assert!(!could_be_quic(&short[..20], shard), "too short");
+        assert!(!could_be_quic(&[], shard));
+        assert!(could_be_quic(&long(0xc0, 1, 1200), shard), "an Initial");
+        assert!(
+            !could_be_quic(&long(0xc0, 1, 1199), shard),
+            "a short Initial"
+        );
+        assert!(
+            could_be_quic(&long(0xe0, 1, 60), shard),
+            "a Handshake packet"
+        );
+        assert!(could_be_quic(&long(0xd0, 1, 60), shard), "a 0-RTT packet");
+        assert!(
+            !could_be_quic(&long(0xf0, 1, 1200), shard),
+            "a Retry (servers send those)"
+        );
+        assert!(
+            could_be_quic(&long(0xc0, 0x6b33_43cf, 1200), shard),
+            "another version, full size: quinn answers with Version Negotiation"
+        );
+        assert!(!could_be_quic(&long(0xc0, 0x6b33_43cf, 100), shard));
     }
 }

@@ -91,6 +91,9 @@ pub struct Counters {
     pub refused_per_address: u64,
     /// New connections refused because the shard's handshake budget was spent.
     pub refused_handshakes: u64,
+    /// Datagrams dropped at a first look because they cannot be QUIC for this shard
+    /// (`shard::could_be_quic`), before quinn-proto parses them.
+    pub not_quic: u64,
     /// New connections dropped because their address started too many handshakes a second.
     pub refused_handshake_rate: u64,
     /// QUIC Retry packets sent (address validation before a handshake is accepted).
