@@ -177,10 +177,6 @@ impl ShardCore {
     /// Closes sessions that sent no hello in time or stayed in the lobby too long, and gives
     /// up joins no shard answered.
     pub(super) fn expire_deadlines(&mut self, now: Instant) {
-        let rate = self.config.admission.handshakes_per_second;
-        if rate > 0 {
-            self.handshake_rate.forget_full(rate, now);
-        }
         let lobby = self.config.lobby_timeout;
         for ch in 0..self.sessions.slots() {
             let Some(s) = self.sessions.get_mut(ch) else {

@@ -193,8 +193,9 @@ pub(crate) struct HandshakeRate {
     buckets: HashMap<IpAddr, (f64, Instant)>,
 }
 
-/// Most addresses whose buckets are remembered; past it, full buckets are forgotten first,
-/// then all (a flood from that many addresses is the handshake budget's to bound).
+/// Most addresses whose buckets are remembered (about 3 MB per shard at most); a new address
+/// past it makes the full buckets be forgotten, then all if none was (a flood from that many
+/// addresses is the handshake budget's to bound). No periodic walk: memory is bounded by this.
 const MAX_RATE_ENTRIES: usize = 65_536;
 
 impl HandshakeRate {
@@ -221,7 +222,7 @@ impl HandshakeRate {
     }
 
     /// Forgets the buckets that have refilled (they would start full anyway).
-    pub(crate) fn forget_full(&mut self, per_second: u32, now: Instant) {
+    fn forget_full(&mut self, per_second: u32, now: Instant) {
         let cap = 2.0 * f64::from(per_second);
         self.buckets.retain(|_, (tokens, last)| {
             *tokens + now.saturating_duration_since(*last).as_secs_f64() * f64::from(per_second)

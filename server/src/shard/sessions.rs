@@ -55,18 +55,9 @@ impl Sessions {
         let generation = self.next_generation;
         debug_assert!(self.slots[slot].is_none(), "quinn reused a slot still held");
         self.live += 1;
-        *self
-            .per_address
-            .entry(conn.remote_address().ip())
-            .or_insert(0) += 1;
-        // (Session::admitted_from is this same address, read from the same connection.)
-        self.slots[slot] = Some(Box::new(Session::new(
-            generation,
-            conn,
-            player,
-            now,
-            hello_timeout,
-        )));
+        let session = Session::new(generation, conn, player, now, hello_timeout);
+        *self.per_address.entry(session.admitted_from()).or_insert(0) += 1;
+        self.slots[slot] = Some(Box::new(session));
         ConnKey { slot, generation }
     }
 
